@@ -1,0 +1,35 @@
+"""reft: representation finetuning (RED, LoReFT, DiReFT, ...) for Hugging Face models."""
+
+from .interventions import (
+    RED,
+    ConsReFT,
+    DiReFT,
+    Intervention,
+    LoBiReFT,
+    LoReFT,
+    NoReFT,
+    OrthDiReFT,
+    make_intervention,
+    register_intervention,
+    registered_interventions,
+)
+from .model import IntervenableModel
+from .positions import PositionSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Intervention",
+    "RED",
+    "LoReFT",
+    "DiReFT",
+    "NoReFT",
+    "ConsReFT",
+    "LoBiReFT",
+    "OrthDiReFT",
+    "register_intervention",
+    "make_intervention",
+    "registered_interventions",
+    "IntervenableModel",
+    "PositionSpec",
+]

@@ -1,0 +1,24 @@
+"""Interventions: `[..., d] -> [..., d]` edits of hidden states, registered by name."""
+
+from .base import Intervention, make_intervention, register_intervention, registered_interventions
+from .consreft import ConsReFT
+from .direft import DiReFT
+from .lobireft import LoBiReFT
+from .loreft import LoReFT
+from .noreft import NoReFT
+from .orth_direft import OrthDiReFT
+from .red import RED
+
+__all__ = [
+    "Intervention",
+    "make_intervention",
+    "register_intervention",
+    "registered_interventions",
+    "RED",
+    "LoReFT",
+    "DiReFT",
+    "NoReFT",
+    "ConsReFT",
+    "LoBiReFT",
+    "OrthDiReFT",
+]

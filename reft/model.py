@@ -1,0 +1,380 @@
+"""`IntervenableModel`: a frozen Hugging Face model with interventions hooked onto named sites.
+
+Hooks are registered once, at construction, and removed by their handles (`remove()`); no other
+hook on the model is touched. Each call resolves position specs into index tensors on the model's
+device (once per spec and stack per call), and each hook gathers the edited positions, applies its
+intervention and scatters the result back, out of place.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .interventions.base import Intervention, make_intervention, registered_interventions
+from .positions import PositionSpec, resolve
+from .sites import Site, resolve_site
+
+
+@dataclass
+class _Slot:
+    """One site with its position spec and one (tied) or two (prefix, suffix) interventions."""
+
+    site: Site
+    spec: PositionSpec
+    interventions: nn.ModuleList
+
+    @property
+    def tied(self) -> bool:
+        return len(self.interventions) == 1
+
+
+@dataclass
+class _Call:
+    """What the hooks need to know about the forward call in progress."""
+
+    masks: dict[str, torch.Tensor | None]  # per stack: the mask position specs count tokens in
+    positions: torch.Tensor | None = None  # explicit [B, P] positions, -1 = none
+    shape: tuple[int, int] | None = None  # [batch, seq] of the inputs, when known
+    cache: dict = field(default_factory=dict)  # (spec, stack, T) -> index tensors
+
+
+class IntervenableModel(nn.Module):
+    """Wrap `model` (any Hugging Face model) with `interventions` at named sites.
+
+    Args:
+        model: the base model; its parameters are frozen.
+        interventions: `{site: Intervention}`. A site is `"layers.{i}.{component}"` with component in
+            `block_input, block_output, attention_output, mlp_input, mlp_output` (prefix `encoder.`
+            or `decoder.` in encoder-decoder models), or a dotted module path whose output is edited.
+            With `tied=False` a value may be a `(prefix, suffix)` pair of interventions.
+        positions: `"all"` (every token), `"f{n}"`, `"l{n}"`, `"f{n}+l{m}"`, or `{site: spec}`.
+            Specs count real tokens (the attention mask), or prompt tokens when a call passes a
+            `prompt_mask`. A call may instead pass explicit `positions=` `[B, P]` (-1 = none).
+        tied: one intervention for both the first and last positions of a site (default), or a
+            separate one for each (pyreft's `share_weights=False`).
+        head: module path(s) of the base model kept trainable, e.g. `"classifier"` or `"score"`.
+
+    Example:
+        >>> rm = IntervenableModel(model, {"layers.3.block_output": LoReFT(576, rank=4)}, positions="l1")
+        >>> out = rm(**batch)  # the base model's own output object
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        interventions: Mapping[str, Intervention | tuple[Intervention, Intervention]],
+        positions: str | PositionSpec | Mapping[str, str | PositionSpec] = "all",
+        tied: bool = True,
+        head: str | list[str] | None = None,
+    ):
+        super().__init__()
+        if not interventions:
+            raise ValueError("interventions is empty: give at least one {site: Intervention}")
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.head = [head] if isinstance(head, str) else list(head or [])
+        for path in self.head:
+            _submodule(model, path, "head").requires_grad_(True)
+        specs = _site_specs(positions, interventions)
+        device = next(model.parameters()).device
+        self.interventions = nn.ModuleDict()
+        self._slots: list[_Slot] = []
+        for name, value in interventions.items():
+            site = resolve_site(model, name)
+            spec = specs[name]
+            ivs = _pair(value, spec, tied, name)
+            for iv in ivs:
+                if site.hidden_size is not None and iv.hidden_size != site.hidden_size:
+                    raise ValueError(
+                        f"site {name!r}: intervention {type(iv).__name__} has hidden_size {iv.hidden_size}, "
+                        f"but the site's hidden size is {site.hidden_size}"
+                    )
+            self.interventions[_key(name)] = nn.ModuleList(ivs).to(device)
+            self._slots.append(_Slot(site, spec, self.interventions[_key(name)]))
+        self._call: _Call | None = None
+        self._active = True
+        self._handles = [self._hook(slot) for slot in self._slots]
+
+    # ----------------------------------------------------------------- hooks
+    def _hook(self, slot: _Slot) -> torch.utils.hooks.RemovableHandle:
+        if slot.site.edits_input:
+
+            def pre_hook(module, args, kwargs):
+                if args:
+                    return (self._edit(slot, args[0]), *args[1:]), kwargs
+                key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+                return args, {**kwargs, key: self._edit(slot, kwargs[key])}
+
+            return slot.site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                return self._edit(slot, output)
+            if isinstance(output, tuple):
+                return (self._edit(slot, output[0]), *output[1:])
+            key = next(iter(output.keys()))  # a ModelOutput: its first field is the hidden states
+            output[key] = self._edit(slot, output[key])
+            return output
+
+        return slot.site.module.register_forward_hook(hook)
+
+    def _edit(self, slot: _Slot, h: torch.Tensor) -> torch.Tensor:
+        """Apply `slot`'s interventions to hidden states `h` `[B, T, d]` at the call's positions."""
+        if not self._active:
+            return h
+        if h.shape[-1] != slot.interventions[0].hidden_size:
+            raise ValueError(
+                f"site {slot.site.name!r}: hidden states have size {h.shape[-1]}, "
+                f"but the intervention expects hidden_size {slot.interventions[0].hidden_size}"
+            )
+        call = self._call
+        explicit = call.positions if call is not None else None
+        if slot.spec.all and explicit is None:
+            return slot.interventions[0](h).to(h.dtype)
+        flat = h.dim() == 2  # some models (OPT) flatten [B, T, d] to [B * T, d] around their FFN
+        if flat:
+            h = h.view(*self._batch_shape(slot, h), h.shape[-1])
+        if explicit is not None:
+            if not slot.tied:
+                raise ValueError(f"site {slot.site.name!r} is untied: explicit positions= need tied=True")
+            indices = [explicit]
+        else:
+            indices = self._indices(slot, h)
+        for intervention, index in zip(slot.interventions, indices):
+            h = _apply_at(intervention, h, index)
+        return h.flatten(0, 1) if flat else h
+
+    def _batch_shape(self, slot: _Slot, h: torch.Tensor) -> tuple[int, int]:
+        call = self._call
+        mask = call.masks.get(slot.site.stack) if call is not None else None
+        shape = tuple(mask.shape) if mask is not None else (call.shape if call is not None else None)
+        if shape is None or shape[0] * shape[1] != h.shape[0]:
+            raise ValueError(
+                f"site {slot.site.name!r} sees flattened hidden states {tuple(h.shape)}: call the model "
+                "through the IntervenableModel with an attention_mask so that [batch, seq] is known"
+            )
+        return shape
+
+    def _indices(self, slot: _Slot, h: torch.Tensor) -> list[torch.Tensor]:
+        B, T = h.shape[:2]
+        key = (slot.spec, slot.site.stack, T, slot.tied)
+        call = self._call
+        if call is not None and key in call.cache:
+            return call.cache[key]
+        mask = call.masks.get(slot.site.stack) if call is not None else None
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
+        elif mask.shape != (B, T):
+            raise ValueError(
+                f"site {slot.site.name!r}: the mask has shape {tuple(mask.shape)} but the hidden states "
+                f"are [batch, seq] = ({B}, {T})"
+            )
+        prefix, suffix = resolve(slot.spec, mask.to(h.device))
+        index = [torch.cat([prefix, suffix], dim=1)] if slot.tied else [prefix, suffix]
+        if call is not None:
+            call.cache[key] = index
+        return index
+
+    # ----------------------------------------------------------------- calls
+    def forward(
+        self,
+        *args: Any,
+        positions: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model with the interventions; returns the base model's own output.
+
+        `prompt_mask` `[B, T]` (1 on prompt tokens) makes position specs count prompt tokens only;
+        `positions` `[B, P]` (-1 = none) gives explicit positions for every site.
+        """
+        with self.calling(args, kwargs, positions=positions, prompt_mask=prompt_mask):
+            return self.model(*args, **kwargs)
+
+    @contextmanager
+    def calling(
+        self,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] | None = None,
+        positions: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> Iterator[_Call]:
+        """Context in which base-model calls with these inputs see their masks and positions."""
+        kwargs = kwargs or {}
+        main = prompt_mask if prompt_mask is not None else kwargs.get("attention_mask")
+        masks = {"": main, "encoder": main, "decoder": kwargs.get("decoder_attention_mask")}
+        device = next(self.model.parameters()).device
+        masks = {k: (m.to(device).bool() if m is not None else None) for k, m in masks.items()}
+        shape = _input_shape(args, kwargs)
+        if positions is not None:
+            positions = _check_positions(positions, shape).to(device)
+        previous, self._call = self._call, _Call(masks=masks, positions=positions, shape=shape)
+        try:
+            yield self._call
+        finally:
+            self._call = previous
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model without interventions inside this block: `with rm.disabled(): rm(**b)`."""
+        previous, self._active = self._active, False
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def generate(self, *args: Any, mode: str = "prompt", **kwargs: Any) -> Any:
+        """Hugging Face `generate` with the interventions; see `reft.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, *args, mode=mode, **kwargs)
+
+    def merge(self) -> nn.Module:
+        """Fold RED into the preceding linear layers; see `reft.generation.merge`."""
+        from .generation import merge
+
+        return merge(self)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the adapter (`adapter_config.json` + `adapter_model.safetensors`) to `path`."""
+        from .checkpoint import save_adapter
+
+        save_adapter(self, path)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str, device: str | torch.device | None = None):
+        """Rebuild an adapter saved with `save_pretrained` on `model`."""
+        from .checkpoint import load_adapter
+
+        return load_adapter(cls, model, path, device=device)
+
+    def remove(self) -> None:
+        """Remove this wrapper's hooks (and only them); the base model runs unedited afterwards."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ----------------------------------------------------------------- info
+    def __getitem__(self, site: str) -> Intervention | tuple[Intervention, Intervention]:
+        for slot in self._slots:
+            if slot.site.name == site:
+                return slot.interventions[0] if slot.tied else tuple(slot.interventions)
+        raise KeyError(f"no site {site!r}; sites: {', '.join(self.sites)}")
+
+    @property
+    def sites(self) -> list[str]:
+        return [slot.site.name for slot in self._slots]
+
+    def site_positions(self) -> dict[str, tuple[str, bool]]:
+        """`{site: (position spec, tied)}`."""
+        return {slot.site.name: (str(slot.spec), slot.tied) for slot in self._slots}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The intervention parameters, and the head's if there is one."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _counts(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self._counts()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def __repr__(self) -> str:
+        trainable, total = self._counts()
+        lines = [
+            f"IntervenableModel({type(self.model).__name__}: {len(self._slots)} sites, "
+            f"{trainable:,} trainable of {total:,} params ({100 * trainable / total:.4f}%)"
+        ]
+        for slot in self._slots:
+            tying = "" if slot.tied or not slot.spec.two_sided else ", untied"
+            ivs = " | ".join(map(repr, slot.interventions))
+            lines.append(f"  {slot.site.name} [{slot.spec}{tying}]: {ivs}")
+        if self.head:
+            lines.append(f"  head: {', '.join(self.head)}")
+        return "\n".join(lines) + "\n)"
+
+
+def _apply_at(intervention: nn.Module, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Edit `h` `[B, T, d]` at `index` `[B, P]` (-1 = no position): gather, intervene, scatter back.
+
+    Slots with -1 add a zero delta at position 0, so they never disturb a real edit there.
+    """
+    valid = (index >= 0).unsqueeze(-1)  # [B, P, 1]
+    where = index.clamp(min=0).unsqueeze(-1).expand(*index.shape, h.shape[-1])  # [B, P, d]
+    selected = h.gather(1, where)
+    delta = torch.where(valid, intervention(selected).to(h.dtype) - selected, 0)
+    return h.scatter_add(1, where, delta)
+
+
+def _key(site: str) -> str:
+    return site.replace(".", "-")  # ModuleDict keys cannot hold dots; module paths never hold dashes
+
+
+def _submodule(model: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        children = ", ".join(name for name, _ in model.named_children())
+        raise ValueError(f"{what} {path!r}: no such module in {type(model).__name__} (top level: {children})") from None
+
+
+def _site_specs(positions, interventions) -> dict[str, PositionSpec]:
+    if not isinstance(positions, Mapping):
+        spec = PositionSpec.parse(positions)
+        return {site: spec for site in interventions}
+    missing = [site for site in interventions if site not in positions]
+    extra = [site for site in positions if site not in interventions]
+    if missing or extra:
+        raise ValueError(f"positions dict must name exactly the intervention sites; missing {missing}, unknown {extra}")
+    return {site: PositionSpec.parse(spec) for site, spec in positions.items()}
+
+
+def _pair(value, spec: PositionSpec, tied: bool, site: str) -> list[Intervention]:
+    """One intervention (tied, or a one-sided spec) or a (prefix, suffix) pair."""
+    ivs = list(value) if isinstance(value, (tuple, list)) else [value]
+    for iv in ivs:
+        if not isinstance(iv, Intervention):
+            raise TypeError(
+                f"site {site!r}: expected a reft.Intervention (registered: {', '.join(registered_interventions())}), "
+                f"got {type(iv).__name__}"
+            )
+    if tied or not spec.two_sided:
+        if len(ivs) != 1:
+            raise ValueError(f"site {site!r}: a pair of interventions needs tied=False and a spec 'f<n>+l<m>'")
+        return ivs
+    if len(ivs) == 1:  # a second, freshly initialised copy for the suffix
+        iv = ivs[0]
+        ivs.append(make_intervention(iv.name, **iv.config) if iv.name else type(iv)(**iv.config))
+    if len(ivs) != 2:
+        raise ValueError(f"site {site!r}: untied sites take one intervention or a (prefix, suffix) pair, got {len(ivs)}")
+    return ivs
+
+
+def _input_shape(args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, int] | None:
+    for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(x, torch.Tensor):
+            return x.shape[0], x.shape[1]
+    return None
+
+
+def _check_positions(positions: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.is_floating_point():
+        got = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
+        raise ValueError(f"positions must be an integer tensor [batch, P] (-1 = none), got {got}")
+    if shape is not None:
+        B, T = shape
+        if positions.shape[0] != B:
+            raise ValueError(f"positions has batch size {positions.shape[0]}, but the inputs have {B}")
+        bad = (positions < -1) | (positions >= T)
+        if bad.any():  # one check per call, on explicit positions only
+            value = positions[bad][0].item()
+            raise ValueError(f"position {value} is out of range for sequence length {T} (valid: 0..{T - 1}, or -1 for none)")
+    return positions.long()

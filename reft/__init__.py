@@ -13,6 +13,7 @@ from .interventions import (
     register_intervention,
     registered_interventions,
 )
+from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .model import IntervenableModel
 from .positions import PositionSpec
 
@@ -32,4 +33,7 @@ __all__ = [
     "registered_interventions",
     "IntervenableModel",
     "PositionSpec",
+    "save_training_checkpoint",
+    "load_training_checkpoint",
+    "latest_checkpoint",
 ]

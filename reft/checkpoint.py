@@ -1,0 +1,620 @@
+"""Adapters and training checkpoints on disk: safetensors for tensors, JSON for everything else.
+
+An adapter folder holds `adapter_config.json` (format version, reft version, every site with its
+intervention's registered name and constructor arguments, positions and tying, head module paths,
+a fingerprint of the base model) and `adapter_model.safetensors` (the intervention tensors, and the
+head's under `head.`). Loading rebuilds interventions through the registry only: no code is ever
+deserialized, no class is ever imported from a string. A training checkpoint is an adapter folder
+plus `training_state.json` and `training_state.safetensors` (optimizer, scheduler, RNG states and
+the caller's state).
+
+Every write is atomic: files go into a temporary folder beside the target, are flushed to disk, and
+the folder is then renamed onto the target (on Linux, atomically swapped with an existing one), so
+a crash at any point leaves either the previous folder or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import numbers
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+from torch import nn
+
+from .interventions.base import Intervention, intervention_class
+from .positions import PositionSpec
+from .sites import find_stacks, hidden_size_of, resolve_site
+
+FORMAT_VERSION = 1  # bump when a reader of the previous version could misread a new adapter
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+TRAINING_STATE_NAME = "training_state.json"
+TRAINING_TENSORS_NAME = "training_state.safetensors"
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+PathLike = str | os.PathLike
+
+
+# ===================================================================== adapters
+def save_adapter(rm, path: PathLike) -> None:
+    """Write `rm`'s adapter to folder `path` (`adapter_config.json` + `adapter_model.safetensors`).
+
+    The folder is replaced atomically: an existing adapter at `path` stays intact until the new one
+    is complete on disk. Called by `IntervenableModel.save_pretrained`.
+    """
+    with _atomic_folder(path) as tmp:
+        _write_adapter(rm, tmp)
+
+
+def load_adapter(cls, model: nn.Module, path: PathLike, device: str | torch.device | None = None):
+    """Rebuild the adapter saved in folder `path` on `model`; returns a `cls` (an IntervenableModel).
+
+    Everything is checked before anything is attached: the format version, the base model's
+    fingerprint (model type, hidden size, number of layers, shapes of the edited modules), the
+    intervention names (registered ones only), the tensors' integrity, names, shapes and dtypes.
+    On any error a ValueError (or FileNotFoundError) is raised and `model` is left untouched.
+    Tensors go to `device`, or the model's device; a `device` other than the model's moves the model.
+    """
+    folder = Path(path)
+    config = _read_json(folder, CONFIG_NAME, "an adapter")
+    _check_format(config, "reft-adapter", folder / CONFIG_NAME)
+    _check_base_model(config, model, folder)
+    plan = _Plan.parse(config, folder)
+    interventions = plan.build(folder)
+    _check_sites(model, plan, interventions, config, folder)
+    tensors = _read_tensors(folder, WEIGHTS_NAME, config)
+    expected = _tensor_table(interventions, plan.head, model)
+    _check_tensors(tensors, expected, folder / WEIGHTS_NAME)
+
+    values = {site: ivs[0] if len(ivs) == 1 else tuple(ivs) for site, ivs in interventions.items()}
+    rm = cls(model, values, positions=plan.positions, tied=plan.tied, head=plan.head or None)
+    _copy_into(rm, tensors)
+    rm.train(model.training)  # the interventions follow the base model's mode (eval: dropout off)
+    if device is not None and torch.device(device) != _device_of(model):
+        rm.to(device)
+    return rm
+
+
+def _write_adapter(rm, folder: Path) -> None:
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _live_tensors(rm).items()}
+    data = _st_save(tensors, metadata={"format": "pt"})
+    _write_bytes(folder / WEIGHTS_NAME, data)
+    config = _adapter_config(rm)
+    config["files"] = {WEIGHTS_NAME: _file_record(data)}
+    _write_bytes(folder / CONFIG_NAME, _json_bytes(config))
+
+
+def _adapter_config(rm) -> dict:
+    from . import __version__
+
+    positions = rm.site_positions()
+    sites = []
+    for slot in rm._slots:
+        ivs = []
+        for iv in slot.interventions:
+            if not iv.name:
+                raise ValueError(
+                    f"site {slot.site.name!r}: {type(iv).__name__} is not a registered intervention; "
+                    "decorate it with @reft.register_intervention(name) so that adapters can name it"
+                )
+            try:
+                json.dumps(iv.config, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"site {slot.site.name!r}: {iv.name} config {iv.config!r} is not JSON ({e}); constructor "
+                    "arguments of a saved intervention must be numbers, strings, booleans, None, lists or dicts"
+                ) from None
+            ivs.append({"name": iv.name, "config": dict(iv.config)})
+        spec, tied = positions[slot.site.name]
+        sites.append({"site": slot.site.name, "positions": spec, "tied": tied, "interventions": ivs})
+    return {
+        "format": "reft-adapter",
+        "format_version": FORMAT_VERSION,
+        "reft_version": __version__,
+        "base_model": _fingerprint(rm.model, [slot.site for slot in rm._slots]),
+        "tied": all(site["tied"] for site in sites),
+        "sites": sites,
+        "head": list(rm.head),
+    }
+
+
+def _fingerprint(model: nn.Module, sites) -> dict:
+    """What an adapter needs of its base model: type, sizes, and the shapes of the edited modules."""
+    config = model.config
+    paths = {id(m): p for p, m in model.named_modules()}
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "architecture": type(model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
+        "hidden_size": hidden_size_of(model),
+        "num_layers": _num_layers(model),
+        "modules": {
+            site.name: {
+                "path": paths.get(id(site.module)),
+                "shapes": {n: list(p.shape) for n, p in site.module.named_parameters()},
+            }
+            for site in sites
+        },
+    }
+
+
+def _num_layers(model: nn.Module) -> int | dict[str, int]:
+    stacks = find_stacks(model)
+    if set(stacks) == {""}:
+        return len(stacks[""][1])
+    return {side: len(blocks) for side, (_, blocks) in stacks.items()}
+
+
+def _live_tensors(rm) -> dict[str, torch.Tensor]:
+    """`{key in the file: live parameter or buffer}` for the interventions and the head."""
+    return _tensor_table({slot.site.name: list(slot.interventions) for slot in rm._slots}, rm.head, rm.model)
+
+
+def _tensor_table(interventions: dict[str, list[Intervention]], head: list[str], model: nn.Module) -> dict:
+    table = {}
+    for site, ivs in interventions.items():
+        for i, iv in enumerate(ivs):
+            for name, t in iv.state_dict(keep_vars=True).items():
+                table[f"interventions.{site}.{i}.{name}"] = t
+    for path in head:
+        for name, p in model.get_submodule(path).named_parameters():
+            table[f"head.{path}.{name}"] = p
+    return table
+
+
+class _Plan:
+    """The sites, positions, tying and head an adapter config describes, checked for shape."""
+
+    def __init__(self, sites: list[dict], tied: bool, head: list[str]):
+        self.sites, self.tied, self.head = sites, tied, head
+        self.positions = {s["site"]: s["positions"] for s in sites}
+
+    @classmethod
+    def parse(cls, config: dict, folder: Path) -> "_Plan":
+        where = folder / CONFIG_NAME
+        sites, head = config.get("sites"), config.get("head", [])
+        if not isinstance(sites, list) or not sites:
+            raise ValueError(f"{where}: 'sites' must be a non-empty list of sites, got {sites!r}")
+        if not isinstance(head, list) or not all(isinstance(h, str) for h in head):
+            raise ValueError(f"{where}: 'head' must be a list of module paths, got {head!r}")
+        for s in sites:
+            ok = (
+                isinstance(s, dict)
+                and isinstance(s.get("site"), str)
+                and isinstance(s.get("positions"), str)
+                and isinstance(s.get("interventions"), list)
+                and len(s["interventions"]) in (1, 2)
+                and all(isinstance(iv, dict) and isinstance(iv.get("name"), str) and isinstance(iv.get("config"), dict)
+                        for iv in s["interventions"])
+            )
+            if not ok:
+                raise ValueError(
+                    f"{where}: malformed site entry {s!r}; expected {{'site': str, 'positions': str, "
+                    "'tied': bool, 'interventions': [{'name': str, 'config': {...}}] (1 or 2 of them)}"
+                )
+            try:
+                spec = PositionSpec.parse(s["positions"])
+            except ValueError as e:
+                raise ValueError(f"{where}: site {s['site']!r}: {e}") from None
+            if len(s["interventions"]) == 2 and not spec.two_sided:
+                raise ValueError(f"{where}: site {s['site']!r} has 2 interventions but positions {s['positions']!r}")
+        untied = [s["site"] for s in sites if len(s["interventions"]) == 2]
+        single_two_sided = [
+            s["site"] for s in sites if len(s["interventions"]) == 1 and PositionSpec.parse(s["positions"]).two_sided
+        ]
+        if untied and single_two_sided:
+            raise ValueError(
+                f"{where}: sites {untied} are untied but {single_two_sided} are tied; "
+                "an IntervenableModel ties all its two-sided sites or none"
+            )
+        return cls(sites, tied=not untied, head=list(head))
+
+    def build(self, folder: Path) -> dict[str, list[Intervention]]:
+        """Build every intervention through the registry (unknown names list the registered ones)."""
+        built = {}
+        for s in self.sites:
+            ivs = []
+            for entry in s["interventions"]:
+                cls = intervention_class(entry["name"])  # ValueError naming the registered ones
+                try:
+                    ivs.append(cls(**entry["config"]))
+                except (TypeError, ValueError) as e:
+                    raise ValueError(
+                        f"{folder / CONFIG_NAME}: site {s['site']!r}: cannot build {entry['name']!r} "
+                        f"from config {entry['config']!r}: {e}"
+                    ) from None
+            built[s["site"]] = ivs
+        return built
+
+
+# ============================================================= training checkpoints
+def save_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None, state: dict | None = None) -> None:
+    """Write a training checkpoint to folder `path` (conventionally `{output_dir}/checkpoint-{step}`).
+
+    It holds the adapter (interventions + head, loadable on its own with `from_pretrained`), the
+    optimizer's and LR scheduler's `state_dict()`s (tensors to safetensors, the rest to JSON), the
+    RNG states (torch CPU, CUDA when available, Python `random`, numpy) and `state`, the caller's
+    JSON-able dict (step, epoch, data order, ...). Atomic like `save_adapter`. Consumes no randomness.
+    """
+    from . import __version__
+
+    state = dict(state or {})
+    try:
+        json.dumps(state, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state must be a JSON-able dict (numbers, strings, lists, dicts): {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    record = {
+        "format": "reft-training-checkpoint",
+        "format_version": FORMAT_VERSION,
+        "reft_version": __version__,
+        "state": state,
+        "optimizer": _encode(optimizer.state_dict(), tensors, "optimizer") if optimizer is not None else None,
+        "scheduler": _encode(scheduler.state_dict(), tensors, "scheduler") if scheduler is not None else None,
+        "rng": _rng_state(tensors),
+    }
+    with _atomic_folder(path) as tmp:
+        _write_adapter(rm, tmp)
+        data = _st_save(tensors, metadata={"format": "pt"})
+        _write_bytes(tmp / TRAINING_TENSORS_NAME, data)
+        record["files"] = {TRAINING_TENSORS_NAME: _file_record(data)}
+        _write_bytes(tmp / TRAINING_STATE_NAME, _json_bytes(record))  # written last
+
+
+def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None) -> dict:
+    """Restore a checkpoint written by `save_training_checkpoint` in place; returns the caller's `state`.
+
+    `rm` must have the same sites and interventions as the saved one, and `optimizer` / `scheduler`
+    the same structure; all of it is checked before anything is restored. Restores the adapter
+    tensors, the optimizer and scheduler states and the RNG states (CUDA only where devices exist).
+    """
+    folder = Path(path)
+    record = _read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
+    _check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
+    config = _read_json(folder, CONFIG_NAME, "a training checkpoint")
+    _check_format(config, "reft-adapter", folder / CONFIG_NAME)
+    _check_base_model(config, rm.model, folder)
+    ours = _adapter_config(rm)
+    for key in ("sites", "head"):
+        if config.get(key) != ours[key]:
+            raise ValueError(
+                f"{folder / CONFIG_NAME}: the checkpoint's {key} {config.get(key)!r} differ from the model's {ours[key]!r}"
+            )
+    adapter = _read_tensors(folder, WEIGHTS_NAME, config)
+    _check_tensors(adapter, _live_tensors(rm), folder / WEIGHTS_NAME)
+    tensors = _read_tensors(folder, TRAINING_TENSORS_NAME, record)
+    try:
+        opt_state = _decode(record["optimizer"], tensors)
+        sched_state = _decode(record["scheduler"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / TRAINING_STATE_NAME}: malformed optimizer or scheduler state ({e!r})") from None
+    if optimizer is not None:
+        if opt_state is None:
+            raise ValueError(f"{folder}: the checkpoint has no optimizer state, but an optimizer was given")
+        _check_optimizer(opt_state, optimizer, folder)
+    if scheduler is not None and sched_state is None:
+        raise ValueError(f"{folder}: the checkpoint has no scheduler state, but a scheduler was given")
+
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(sched_state)
+    _copy_into(rm, adapter)
+    _set_rng_state(record["rng"], tensors)
+    return record["state"]
+
+
+def latest_checkpoint(output_dir: PathLike) -> str | None:
+    """The complete `checkpoint-{step}` folder under `output_dir` with the highest step, or None.
+
+    Temporary folders of an interrupted save (`.checkpoint-{step}.tmp-*`) are never returned.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for entry in root.iterdir():
+        match = _CHECKPOINT.fullmatch(entry.name)
+        if match and entry.is_dir() and (entry / TRAINING_STATE_NAME).is_file():
+            found.append((int(match[1]), entry))
+    return str(max(found)[1]) if found else None
+
+
+def _check_optimizer(saved: dict, optimizer, folder: Path) -> None:
+    groups = optimizer.state_dict()["param_groups"]
+    saved_groups = saved.get("param_groups", [])
+    mine = [len(g["params"]) for g in groups]
+    theirs = [len(g["params"]) for g in saved_groups]
+    if mine != theirs:
+        raise ValueError(
+            f"{folder}: the checkpoint's optimizer has param groups of sizes {theirs}, this optimizer {mine}"
+        )
+
+
+def _rng_state(tensors: dict[str, torch.Tensor]) -> dict:
+    tensors["rng.torch"] = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    for i, s in enumerate(cuda):
+        tensors[f"rng.cuda.{i}"] = s
+    rng = {"python": _encode(random.getstate(), tensors, "rng.python"), "cuda_devices": len(cuda), "numpy": None}
+    np = _numpy()
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                        "cached_gaussian": float(cached)}
+    return rng
+
+
+def _set_rng_state(rng: dict, tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available() and rng.get("cuda_devices"):
+        n = min(rng["cuda_devices"], torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
+    random.setstate(_decode(rng["python"], tensors))
+    np = _numpy()
+    if np is not None and rng.get("numpy"):
+        s = rng["numpy"]
+        np.random.set_state((s["name"], np.array(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy
+
+
+# JSON <-> Python values with tensors kept aside. Tuples and non-string dict keys (the optimizer's
+# integer parameter ids) survive the round trip, because `load_state_dict` and `random.setstate`
+# need them exactly as they were.
+def _encode(value: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors would be stored under {key!r}")
+        tensors[key] = value.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors, f"{key}.{k}") for k, v in value.items()}
+        return {"__items__": [[_encode(k, tensors, f"{key}.key"), _encode(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+    raise TypeError(f"{key}: cannot store a {type(value).__name__} in a checkpoint (only JSON values and tensors)")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+# ================================================================== validation
+def _read_json(folder: Path, name: str, what: str) -> dict:
+    file = folder / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {str(folder)!r}: expected {what} with {name}")
+    if not file.is_file():
+        present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise FileNotFoundError(f"{file}: missing; expected {what} here (the folder holds {present})")
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the file is truncated or corrupt") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_format(config: dict, kind: str, where: Path) -> None:
+    if config.get("format") != kind:
+        raise ValueError(f"{where}: 'format' is {config.get('format')!r}, expected {kind!r}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{where}: 'format_version' is {version!r}, expected an int 1..{FORMAT_VERSION}")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{where}: format_version {version} was written by a newer reft ({config.get('reft_version')}); "
+            f"this reft reads format_version up to {FORMAT_VERSION}: upgrade reft"
+        )
+
+
+def _check_base_model(config: dict, model: nn.Module, folder: Path) -> None:
+    saved = config.get("base_model")
+    if not isinstance(saved, dict):
+        raise ValueError(f"{folder / CONFIG_NAME}: missing the 'base_model' fingerprint")
+    found = {
+        "model_type": getattr(model.config, "model_type", None),
+        "hidden_size": hidden_size_of(model),
+        "num_layers": _num_layers(model),
+    }
+    for key, value in found.items():
+        if saved.get(key) != value:
+            raise ValueError(
+                f"{folder}: the adapter was saved for a base model with {key} {saved.get(key)!r} "
+                f"({saved.get('name_or_path') or saved.get('architecture')}), but this model has {key} {value!r} "
+                f"({type(model).__name__})"
+            )
+
+
+def _check_sites(model: nn.Module, plan: _Plan, interventions: dict, config: dict, folder: Path) -> None:
+    """Every site resolves, its module has the recorded shapes and the interventions fit it; the head exists."""
+    modules = config["base_model"].get("modules", {})
+    for site, ivs in interventions.items():
+        resolved = resolve_site(model, site)  # ValueError naming the valid choices
+        recorded = modules.get(site, {}).get("shapes") if isinstance(modules.get(site), dict) else None
+        if recorded is not None:
+            mine = {n: list(p.shape) for n, p in resolved.module.named_parameters()}
+            if sorted(recorded.values()) != sorted(mine.values()):
+                diff = {n: (recorded.get(n), mine.get(n)) for n in set(recorded) | set(mine) if recorded.get(n) != mine.get(n)}
+                raise ValueError(
+                    f"{folder}: site {site!r}: the edited module's parameter shapes differ from the saved "
+                    f"base model's ({{name: (saved, this model)}}: {diff})"
+                )
+        for iv in ivs:
+            if resolved.hidden_size is not None and iv.hidden_size != resolved.hidden_size:
+                raise ValueError(
+                    f"{folder}: site {site!r}: the saved {iv.name} has hidden_size {iv.hidden_size}, "
+                    f"but the site's hidden size is {resolved.hidden_size}"
+                )
+    for path in plan.head:
+        try:
+            model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{folder}: head module {path!r} not found in {type(model).__name__}") from None
+
+
+def _read_tensors(folder: Path, name: str, record: dict) -> dict[str, torch.Tensor]:
+    file = folder / name
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing; {folder} is incomplete")
+    data = file.read_bytes()
+    expected = (record.get("files") or {}).get(name)
+    if isinstance(expected, dict):
+        found = _file_record(data)
+        if found != expected:
+            raise ValueError(
+                f"{file}: has {found['bytes']} bytes with sha256 {found['sha256'][:16]}..., but the config records "
+                f"{expected.get('bytes')} bytes with sha256 {str(expected.get('sha256'))[:16]}...: the file is "
+                "truncated, corrupt or was changed after saving"
+            )
+    try:
+        return _st_load(data)
+    except Exception as e:  # safetensors raises its own error type for every malformed file
+        raise ValueError(f"{file}: not a valid safetensors file ({e}); it is truncated or corrupt") from None
+
+
+def _check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], file: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{file}: missing tensor(s) {missing}; the file holds {sorted(found)}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise ValueError(f"{file}: unexpected tensor(s) {unexpected}; expected exactly {sorted(expected)}")
+    for key, want in expected.items():
+        got = found[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ValueError(
+                f"{file}: tensor {key!r} has shape {list(got.shape)} and dtype {got.dtype}, "
+                f"expected shape {list(want.shape)} and dtype {want.dtype}"
+            )
+
+
+def _copy_into(rm, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for key, live in _live_tensors(rm).items():
+            live.copy_(tensors[key])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# ================================================================ atomic writes
+@contextmanager
+def _atomic_folder(path: PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: exists and is not a folder; give a folder path to save into")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync(tmp)
+        _replace_folder(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(target.parent)
+
+
+def _replace_folder(tmp: Path, target: Path) -> None:
+    """Put complete folder `tmp` at `target`: a rename, or an atomic swap with an existing target."""
+    if not target.exists():
+        os.rename(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp)  # now the previous version
+    else:  # no atomic swap here: the previous version sits at `.{name}.old-*` for two renames
+        old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _write_bytes(file: Path, data: bytes) -> None:
+    with open(file, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some platforms and filesystems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=2) + "\n").encode("utf-8")
+
+
+def _file_record(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -229,7 +229,10 @@ class _Plan:
         for s in self.sites:
             ivs = []
             for entry in s["interventions"]:
-                cls = intervention_class(entry["name"])  # ValueError naming the registered ones
+                try:
+                    cls = intervention_class(entry["name"])  # only registered names can be built
+                except ValueError as e:
+                    raise ValueError(f"{folder / CONFIG_NAME}: site {s['site']!r}: {e}") from None
                 try:
                     ivs.append(cls(**entry["config"]))
                 except (TypeError, ValueError) as e:
@@ -470,7 +473,8 @@ def _check_base_model(config: dict, model: nn.Module, folder: Path) -> None:
 
 def _check_sites(model: nn.Module, plan: _Plan, interventions: dict, config: dict, folder: Path) -> None:
     """Every site resolves, its module has the recorded shapes and the interventions fit it; the head exists."""
-    modules = config["base_model"].get("modules", {})
+    modules = config["base_model"].get("modules")
+    modules = modules if isinstance(modules, dict) else {}
     for site, ivs in interventions.items():
         resolved = resolve_site(model, site)  # ValueError naming the valid choices
         recorded = modules.get(site, {}).get("shapes") if isinstance(modules.get(site), dict) else None
@@ -500,7 +504,8 @@ def _read_tensors(folder: Path, name: str, record: dict) -> dict[str, torch.Tens
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; {folder} is incomplete")
     data = file.read_bytes()
-    expected = (record.get("files") or {}).get(name)
+    files = record.get("files")
+    expected = files.get(name) if isinstance(files, dict) else None
     if isinstance(expected, dict):
         found = _file_record(data)
         if found != expected:

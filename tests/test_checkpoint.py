@@ -1,0 +1,532 @@
+"""Adapters and training checkpoints on disk (reft/checkpoint.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import reft
+import reft.checkpoint as ck
+from reft.interventions.base import intervention_class
+
+from . import tiny
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = [n for n in reft.registered_interventions() if intervention_class(n).__module__.startswith("reft.")]
+
+
+# ------------------------------------------------------------------ helpers
+def _make(name: str, hidden: int = tiny.HIDDEN, **extra) -> reft.Intervention:
+    """A registered intervention with non-default arguments wherever its constructor takes them."""
+    params = inspect.signature(intervention_class(name)).parameters
+    kwargs = {"hidden_size": hidden}
+    for key, value in {"rank": 4, "dropout": 0.1, "act": "relu"}.items():
+        if key in params:
+            kwargs[key] = value
+    kwargs.update(extra)
+    return reft.make_intervention(name, **kwargs)
+
+
+def _perturb(rm: reft.IntervenableModel, seed: int = 1) -> None:
+    """Move every trainable tensor away from its init, so that a reload that forgets one shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rm.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def _lm_adapter(seed: int = 1, **kw) -> reft.IntervenableModel:
+    """A causal LM with LoReFT on one site and RED on another (the adapter most tests save)."""
+    torch.manual_seed(seed)
+    rm = reft.IntervenableModel(
+        tiny.causal_lm(**kw),
+        {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, rank=4), "layers.0.mlp_output": reft.RED(tiny.HIDDEN)},
+        positions={"layers.1.block_output": "f1+l2", "layers.0.mlp_output": "all"},
+    )
+    _perturb(rm, seed)
+    return rm.eval()
+
+
+def _logits(rm, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return rm(**batch).logits
+
+
+def _batch(side: str = "left") -> dict:
+    ids, mask = tiny.padded_batch([6, 3, 5], side=side)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _snapshot(model: torch.nn.Module):
+    """Everything a failed load must leave alone: hooks, parameter values and their requires_grad."""
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    params = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    return hooks, params
+
+
+def _same_snapshot(a, b) -> bool:
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(
+        torch.equal(a[1][n][0], b[1][n][0]) and a[1][n][1] == b[1][n][1] for n in a[1]
+    )
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# -------------------------------------------------------------- round trips
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_round_trip_every_intervention_exact(tmp_path, name, tied):
+    torch.manual_seed(0)
+    rm = reft.IntervenableModel(
+        tiny.causal_lm(), {"layers.1.block_output": _make(name)}, positions="f2+l1", tied=tied
+    )
+    _perturb(rm)
+    rm.eval()
+    batch = _batch()
+    before = _logits(rm, batch)
+    with rm.disabled():
+        assert not torch.equal(before, _logits(rm, batch))  # the adapter does something
+    rm.save_pretrained(tmp_path / "adapter")
+
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "adapter")
+    assert torch.equal(_logits(loaded, batch), before)
+    assert loaded.site_positions() == rm.site_positions() == {"layers.1.block_output": ("f2+l1", tied)}
+    for a, b in zip(rm._slots[0].interventions, loaded._slots[0].interventions):
+        assert type(a) is type(b) and a.config == b.config
+        assert not b.training  # eval like the base model: dropout off
+    assert len(loaded._slots[0].interventions) == (1 if tied else 2)
+
+
+def test_round_trip_sites_positions_and_dtypes(tmp_path):
+    torch.manual_seed(0)
+    rm = reft.IntervenableModel(
+        tiny.causal_lm("gpt2"),
+        {
+            "layers.0.block_output": reft.LoReFT(tiny.HIDDEN, rank=3, act="gelu", dtype=torch.bfloat16),
+            "layers.1.attention_output": reft.DiReFT(tiny.HIDDEN, rank=2, dropout=0.2, dtype="float16"),
+            "layers.1.mlp_output": reft.RED(tiny.HIDDEN),
+        },
+        positions={"layers.0.block_output": "l2", "layers.1.attention_output": "f1+l1", "layers.1.mlp_output": "all"},
+        tied=False,
+    )
+    _perturb(rm)
+    rm.eval()
+    batch = _batch("right")
+    rm.save_pretrained(tmp_path / "a")
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm("gpt2"), tmp_path / "a", device="cpu")
+    assert torch.equal(_logits(loaded, batch), _logits(rm, batch))
+    assert loaded.site_positions() == rm.site_positions()
+    assert loaded["layers.0.block_output"].W.weight.dtype == torch.bfloat16
+    prefix, suffix = loaded["layers.1.attention_output"]
+    assert prefix.param_dtype == suffix.param_dtype == torch.float16
+    assert suffix.config["dropout"] == 0.2
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_round_trip_with_head(tmp_path, arch):
+    torch.manual_seed(0)
+    rm = reft.IntervenableModel(
+        tiny.classifier(arch), {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, rank=4)}, positions="f1", head="classifier"
+    )
+    _perturb(rm)  # moves the head too: it is trainable
+    rm.eval()
+    batch = _batch("right")
+    if arch == "roberta":
+        batch["input_ids"] = batch["input_ids"].clamp(min=2) * batch["attention_mask"] + (1 - batch["attention_mask"])
+    rm.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["head"] == ["classifier"]
+
+    fresh = tiny.classifier(arch)
+    assert not torch.equal(fresh.classifier.state_dict()[next(iter(fresh.classifier.state_dict()))],
+                           rm.model.classifier.state_dict()[next(iter(rm.model.classifier.state_dict()))])
+    loaded = reft.IntervenableModel.from_pretrained(fresh, tmp_path / "a")
+    assert torch.equal(_logits(loaded, batch), _logits(rm, batch))
+    for (n, a), (_, b) in zip(rm.model.classifier.named_parameters(), loaded.model.classifier.named_parameters()):
+        assert torch.equal(a, b), n
+        assert b.requires_grad
+    assert loaded.head == ["classifier"]
+
+
+def test_config_records_everything(tmp_path):
+    rm = _lm_adapter()
+    rm.save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["format"] == "reft-adapter" and config["format_version"] == ck.FORMAT_VERSION
+    assert config["reft_version"] == reft.__version__
+    base = config["base_model"]
+    assert (base["model_type"], base["hidden_size"], base["num_layers"]) == ("llama", tiny.HIDDEN, 2)
+    assert "name_or_path" in base
+    assert base["modules"]["layers.0.mlp_output"]["path"] == "model.layers.0.mlp"
+    assert base["modules"]["layers.0.mlp_output"]["shapes"]["down_proj.weight"] == [tiny.HIDDEN, 64]
+    sites = {s["site"]: s for s in config["sites"]}
+    assert sites["layers.1.block_output"]["positions"] == "f1+l2" and sites["layers.1.block_output"]["tied"]
+    assert sites["layers.1.block_output"]["interventions"] == [
+        {"name": "loreft", "config": {"hidden_size": 32, "rank": 4, "dropout": 0.0, "act": None, "dtype": "float32"}}
+    ]
+    assert sites["layers.0.mlp_output"]["interventions"][0]["name"] == "red"
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert set(tensors) == {
+        "interventions.layers.1.block_output.0.R.weight",
+        "interventions.layers.1.block_output.0.W.weight",
+        "interventions.layers.1.block_output.0.W.bias",
+        "interventions.layers.0.mlp_output.0.scale",
+        "interventions.layers.0.mlp_output.0.bias",
+    }
+
+
+def test_unregistered_intervention_cannot_be_saved(tmp_path):
+    class Unnamed(reft.Intervention):
+        def __init__(self, hidden_size):
+            super().__init__(hidden_size=hidden_size)
+
+        def forward(self, h):
+            return h
+
+    rm = reft.IntervenableModel(tiny.causal_lm(), {"layers.0.block_output": Unnamed(tiny.HIDDEN)})
+    with pytest.raises(ValueError, match="Unnamed is not a registered intervention"):
+        rm.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_adapter_size_loreft_rank4_576_wide(tmp_path):
+    model = tiny.causal_lm(hidden_size=576, intermediate_size=64)
+    rm = reft.IntervenableModel(model, {"layers.1.block_output": reft.LoReFT(576, rank=4)}, positions="l1")
+    rm.save_pretrained(tmp_path / "a")
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "a").iterdir()}
+    assert set(sizes) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert sizes["adapter_model.safetensors"] < (2 * 4 * 576 + 4) * 4 + 1024  # the r x d parameters only
+    assert sum(sizes.values()) < 50_000, sizes
+
+
+# ------------------------------------------------------------ invalid cases
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    _lm_adapter().save_pretrained(tmp_path / "a")
+    return tmp_path / "a"
+
+
+def _edit_config(folder: Path, edit) -> None:
+    file = folder / "adapter_config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+
+
+def _rewrite_weights(folder: Path, edit) -> None:
+    """Rewrite the tensors file and drop its recorded checksum (to reach the checks behind it)."""
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file)
+    _edit_config(folder, lambda c: c.pop("files"))
+
+
+def _truncate(folder: Path, keep_checksum: bool) -> None:
+    file = folder / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    if not keep_checksum:
+        _edit_config(folder, lambda c: c.pop("files"))
+
+
+def _flip_byte(folder: Path) -> None:
+    file = folder / "adapter_model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-10] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+INVALID = {
+    # name: (model builder, corruption of the saved folder, exception, patterns the message must hold)
+    "model_type": (lambda: tiny.causal_lm("gpt2"), None, ValueError, ["model_type", "'llama'", "'gpt2'"]),
+    "hidden_size": (lambda: tiny.causal_lm(hidden_size=64), None, ValueError, ["hidden_size 32", "hidden_size 64"]),
+    "num_layers": (lambda: tiny.causal_lm(num_hidden_layers=3), None, ValueError, ["num_layers 2", "num_layers 3"]),
+    "truncated": (tiny.causal_lm, lambda f: _truncate(f, True), ValueError, ["truncated", "sha256"]),
+    "truncated_no_checksum": (tiny.causal_lm, lambda f: _truncate(f, False), ValueError, ["not a valid safetensors", "truncated"]),
+    "corrupt": (tiny.causal_lm, _flip_byte, ValueError, ["corrupt", "sha256"]),
+    "garbage": (tiny.causal_lm, lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 64), ValueError, ["corrupt"]),
+    "missing_tensor": (
+        tiny.causal_lm,
+        lambda f: _rewrite_weights(f, lambda t: t.pop("interventions.layers.1.block_output.0.W.bias")),
+        ValueError,
+        ["missing tensor", "interventions.layers.1.block_output.0.W.bias"],
+    ),
+    "unexpected_tensor": (
+        tiny.causal_lm, lambda f: _rewrite_weights(f, lambda t: t.update(extra=torch.zeros(2))), ValueError, ["unexpected", "'extra'"],
+    ),
+    "wrong_shape": (
+        tiny.causal_lm,
+        lambda f: _rewrite_weights(f, lambda t: t.update({"interventions.layers.0.mlp_output.0.bias": torch.zeros(31)})),
+        ValueError,
+        [r"shape \[31\]", r"expected shape \[32\]"],
+    ),
+    "wrong_dtype": (
+        tiny.causal_lm,
+        lambda f: _rewrite_weights(f, lambda t: t.update({"interventions.layers.0.mlp_output.0.bias": torch.zeros(32).half()})),
+        ValueError,
+        ["torch.float16", "torch.float32"],
+    ),
+    "unknown_intervention": (
+        tiny.causal_lm,
+        lambda f: _edit_config(f, lambda c: c["sites"][0]["interventions"][0].update(name="os.system")),
+        ValueError,
+        ["unknown intervention 'os.system'", "registered: .*loreft.*red"],
+    ),
+    "bad_constructor_args": (
+        tiny.causal_lm,
+        lambda f: _edit_config(f, lambda c: c["sites"][0]["interventions"][0]["config"].update(rank=99)),
+        ValueError,
+        ["cannot build 'loreft'", "rank must be an int in 1..32"],
+    ),
+    "newer_format": (
+        tiny.causal_lm,
+        lambda f: _edit_config(f, lambda c: c.update(format_version=ck.FORMAT_VERSION + 1)),
+        ValueError,
+        [f"format_version {ck.FORMAT_VERSION + 1}", f"up to {ck.FORMAT_VERSION}", "upgrade"],
+    ),
+    "not_json": (
+        tiny.causal_lm, lambda f: (f / "adapter_config.json").write_text('{"format": "reft-ad'), ValueError, ["not valid JSON"],
+    ),
+    "missing_weights": (
+        tiny.causal_lm, lambda f: (f / "adapter_model.safetensors").unlink(), FileNotFoundError, ["adapter_model.safetensors"],
+    ),
+    "missing_config": (
+        tiny.causal_lm, lambda f: (f / "adapter_config.json").unlink(), FileNotFoundError, ["adapter_config.json: missing"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_adapter_raises_clear_error_and_loads_nothing(saved, case):
+    build, corrupt, error, patterns = INVALID[case]
+    if corrupt is not None:
+        corrupt(saved)
+    model = build()
+    before = _snapshot(model)
+    with pytest.raises(error) as info:
+        reft.IntervenableModel.from_pretrained(model, saved)
+    for pattern in patterns:
+        assert __import__("re").search(pattern, str(info.value)), (pattern, str(info.value))
+    assert _same_snapshot(before, _snapshot(model))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no folder .*nowhere.*adapter_config.json"):
+        reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "nowhere")
+
+
+def test_head_of_another_shape_loads_nothing(tmp_path):
+    rm = reft.IntervenableModel(tiny.classifier(), {"layers.1.block_output": reft.RED(tiny.HIDDEN)}, head="classifier")
+    rm.save_pretrained(tmp_path / "a")
+    model = tiny.classifier(num_labels=3)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"head.classifier.weight.*shape \[2, 32\].*expected shape \[3, 32\]"):
+        reft.IntervenableModel.from_pretrained(model, tmp_path / "a")
+    assert _same_snapshot(before, _snapshot(model))
+
+
+# --------------------------------------------------------------- atomicity
+def test_overwrite_replaces_whole_adapter(tmp_path, monkeypatch):
+    batch = _batch()
+    for exchange in (True, False):  # the atomic swap, and the two-rename fallback where it is missing
+        if not exchange:
+            monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+        target = tmp_path / f"a{exchange}"
+        _lm_adapter(seed=1).save_pretrained(target)
+        second = _lm_adapter(seed=2)
+        second.save_pretrained(target)
+        loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
+        assert torch.equal(_logits(loaded, batch), _logits(second, batch))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aFalse", "aTrue"]  # no temporary folders left
+
+
+def test_exception_between_writing_and_renaming_keeps_previous(tmp_path, monkeypatch):
+    target = tmp_path / "a"
+    first = _lm_adapter(seed=1)
+    first.save_pretrained(target)
+    before = _files(target)
+
+    def crash(tmp, target):
+        assert sorted(p.name for p in tmp.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        raise RuntimeError("injected crash before the rename")
+
+    monkeypatch.setattr(ck, "_replace_folder", crash)
+    with pytest.raises(RuntimeError, match="injected"):
+        _lm_adapter(seed=2).save_pretrained(target)
+    assert _files(target) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # the temporary folder is cleaned up
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
+    assert torch.equal(_logits(loaded, _batch()), _logits(first, _batch()))
+
+
+def test_process_killed_mid_save_keeps_previous(tmp_path):
+    target, ready = tmp_path / "a", tmp_path / "ready"
+    first = _lm_adapter(seed=1)
+    first.save_pretrained(target)
+    before = _files(target)
+    child = f"""
+import pathlib, time
+import reft.checkpoint as ck
+from tests.test_checkpoint import _lm_adapter
+
+def stall(tmp, target):  # everything is written; the rename is next
+    pathlib.Path({str(ready)!r}).write_text(str(tmp))
+    time.sleep(600)
+
+ck._replace_folder = stall
+_lm_adapter(seed=2).save_pretrained({str(target)!r})
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the child never reached the rename"
+            time.sleep(0.05)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup code runs
+        proc.wait()
+    leftover = Path(ready.read_text())
+    assert leftover.parent == tmp_path and leftover.name.startswith(".a.tmp-")
+    assert _files(target) == before
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
+    assert torch.equal(_logits(loaded, _batch()), _logits(first, _batch()))
+    # the stale temporary folder does not stop the next save
+    third = _lm_adapter(seed=3)
+    third.save_pretrained(target)
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
+    assert torch.equal(_logits(loaded, _batch()), _logits(third, _batch()))
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    (tmp_path / "a").write_text("not a folder")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        _lm_adapter().save_pretrained(tmp_path / "a")
+
+
+# ------------------------------------------------------ training checkpoints
+def _trainable(seed: int):
+    torch.manual_seed(seed)
+    rm = reft.IntervenableModel(
+        tiny.causal_lm(),
+        {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, rank=4, dropout=0.3)},
+        positions="f1+l1",
+        tied=False,
+    ).train()
+    optimizer = torch.optim.AdamW(rm.trainable_parameters(), lr=1e-2, weight_decay=0.1, betas=(0.8, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 4))
+    return rm, optimizer, scheduler
+
+
+def _train(rm, optimizer, scheduler, steps: int) -> None:
+    for _ in range(steps):
+        order = random.sample(range(3), 3)  # data order from Python's RNG, noise from numpy's
+        ids, mask = tiny.padded_batch([6, 3, 5])
+        out = rm(input_ids=ids[order], attention_mask=mask[order])  # dropout draws from torch's RNG
+        loss = out.logits.square().mean() * (1 + float(np.random.rand()))
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def test_training_checkpoint_resumes_bit_identical(tmp_path):
+    rm, optimizer, scheduler = _trainable(seed=0)
+    _train(rm, optimizer, scheduler, 3)
+    ck.save_training_checkpoint(tmp_path / "checkpoint-3", rm, optimizer, scheduler, {"step": 3, "epoch": 0})
+    _train(rm, optimizer, scheduler, 3)
+    expected = [p.detach().clone() for p in rm.trainable_parameters()]
+    expected_lr = scheduler.get_last_lr()
+
+    random.seed(123), np.random.seed(123)  # a new process would start elsewhere
+    rm2, optimizer2, scheduler2 = _trainable(seed=7)
+    state = reft.load_training_checkpoint(reft.latest_checkpoint(tmp_path), rm2, optimizer2, scheduler2)
+    assert state == {"step": 3, "epoch": 0}
+    _train(rm2, optimizer2, scheduler2, 3)
+    got = [p.detach() for p in rm2.trainable_parameters()]
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert scheduler2.get_last_lr() == expected_lr
+    assert optimizer2.param_groups[0]["betas"] == (0.8, 0.95)
+    # the adapter inside a training checkpoint loads on its own
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "checkpoint-3")
+    assert loaded.site_positions() == rm.site_positions()
+
+
+def test_training_checkpoint_restores_rng_states(tmp_path):
+    rm, optimizer, scheduler = _trainable(seed=0)
+    ck.save_training_checkpoint(tmp_path / "c", rm, optimizer, scheduler, {})
+    draws = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand()
+    ck.load_training_checkpoint(tmp_path / "c", rm, optimizer, scheduler)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
+
+
+def test_training_checkpoint_of_another_adapter_restores_nothing(tmp_path):
+    rm, optimizer, scheduler = _trainable(seed=0)
+    _train(rm, optimizer, scheduler, 1)
+    ck.save_training_checkpoint(tmp_path / "c", rm, optimizer, scheduler, {"step": 1})
+    torch.manual_seed(0)
+    other = reft.IntervenableModel(
+        tiny.causal_lm(), {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, rank=2)}, positions="f1+l1", tied=False
+    )
+    opt = torch.optim.AdamW(other.trainable_parameters(), lr=1e-2)
+    params = [p.detach().clone() for p in other.trainable_parameters()]
+    with pytest.raises(ValueError, match="'rank': 4.*differ from the model's.*'rank': 2"):
+        ck.load_training_checkpoint(tmp_path / "c", other, opt)
+    assert all(torch.equal(a, b) for a, b in zip(params, other.trainable_parameters()))
+    assert opt.state_dict()["state"] == {}
+
+
+def test_training_state_must_be_json(tmp_path):
+    rm, optimizer, scheduler = _trainable(seed=0)
+    with pytest.raises(ValueError, match="JSON"):
+        ck.save_training_checkpoint(tmp_path / "c", rm, optimizer, scheduler, {"step": torch.tensor(3)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_latest_checkpoint(tmp_path):
+    assert reft.latest_checkpoint(tmp_path / "missing") is None
+    assert reft.latest_checkpoint(tmp_path) is None
+    rm, optimizer, scheduler = _trainable(seed=0)
+    for step in (5, 20, 100):
+        ck.save_training_checkpoint(tmp_path / f"checkpoint-{step}", rm, optimizer, scheduler, {"step": step})
+    (tmp_path / ".checkpoint-300.tmp-abc").mkdir()  # an interrupted save
+    (tmp_path / "checkpoint-200").mkdir()  # not a complete checkpoint
+    (tmp_path / "checkpoint-final").mkdir()
+    assert reft.latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
+    assert ck.load_training_checkpoint(reft.latest_checkpoint(tmp_path), rm, optimizer, scheduler) == {"step": 100}
+
+
+# ------------------------------------------------------------------ safety
+def test_package_never_unpickles():
+    found = []
+    for file in sorted((REPO / "reft").rglob("*.py")):
+        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if "torch.load" in line or "pickle" in line.lower():
+                found.append(f"{file.relative_to(REPO)}:{i}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_onto_cuda(tmp_path):
+    rm = _lm_adapter()
+    rm.save_pretrained(tmp_path / "a")
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "a", device="cuda")
+    assert all(p.device.type == "cuda" for p in loaded.parameters())
+    batch = {k: v.cuda() for k, v in _batch().items()}
+    torch.testing.assert_close(_logits(loaded, batch).cpu(), _logits(rm, _batch()), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,402 @@
+"""Example builders and the collator: (prompt, response) and (text, label) pairs -> padded tensors.
+
+An example is a dict of tensors:
+
+- `input_ids` `[n]`: the tokens (prompt, then response and EOS for generation data);
+- `labels`: `[n]` with -100 over the prompt (generation), or a scalar class index (classification);
+- `prompt_length` (scalar): how many leading tokens are prompt; the whole text for classification,
+  so that position specs such as `"l1"` count prompt tokens while training on prompt + response;
+- `positions` `[p]` (optional): explicit token indices into the example, -1 = none.
+
+`Collator` pads a list of examples on the tokenizer's side and returns `input_ids`, `attention_mask`,
+`labels`, `prompt_mask` (and `positions`, shifted by the left padding) as batch tensors: exactly the
+keyword arguments `IntervenableModel.forward` takes, plus `labels`.
+
+Every builder checks its input before any training starts: an empty dataset, a prompt or response that
+tokenizes to nothing, an example longer than `max_length` (an error, or a counted and logged skip with
+`on_too_long="skip"`), a label out of range.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of the tokens that carry no loss (the prompt, the padding)
+_TOO_LONG = ("error", "skip")
+
+
+@dataclass
+class TokenizedData(torch.utils.data.Dataset):
+    """Tokenized examples (see the module docstring) with what the collator and the trainer need.
+
+    Attributes:
+        examples: the examples, dicts of tensors.
+        task: `"generation"` (labels per token) or `"classification"` (one label per example).
+        pad_token_id, padding_side: from the tokenizer, so that `Collator.for_data(data)` pads alike.
+        max_length: the length limit the examples were checked against (None: no limit).
+        skipped: examples dropped as longer than `max_length` (with `on_too_long="skip"`).
+        num_labels: classification only: the number of classes the labels were checked against.
+    """
+
+    examples: list[dict[str, torch.Tensor]]
+    task: str
+    pad_token_id: int
+    padding_side: str = "right"
+    max_length: int | None = None
+    skipped: int = 0
+    num_labels: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.examples[i]
+
+    def lengths(self) -> list[int]:
+        """The token count of every example."""
+        return [len(e["input_ids"]) for e in self.examples]
+
+    def __repr__(self) -> str:
+        lengths = self.lengths()
+        span = f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.1f})" if lengths else "no tokens"
+        extra = f", {self.num_labels} labels" if self.num_labels is not None else ""
+        skipped = f", {self.skipped} skipped as longer than {self.max_length}" if self.skipped else ""
+        return f"TokenizedData({self.task}: {len(self)} examples, {span}{extra}{skipped})"
+
+
+# --------------------------------------------------------------------------- generation
+def build_generation_data(
+    tokenizer: Any,
+    pairs_or_dataset: Iterable[Any],
+    max_length: int | None = None,
+    *,
+    prompt_key: str = "prompt",
+    response_key: str = "response",
+    positions_key: str = "positions",
+    chat_template: bool | None = None,
+    system_prompt: str | None = None,
+    add_eos: bool = True,
+    on_too_long: str = "error",
+) -> TokenizedData:
+    """Tokenize (prompt, response) pairs for supervised generation: loss on the response only.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        pairs_or_dataset: `(prompt, response)` tuples, `(prompt, response, positions)` triples, dicts
+            with `prompt_key`/`response_key` (and optionally `positions_key`), or a `datasets.Dataset`
+            with those columns. `positions` are token indices into the example (-1 = none).
+        max_length: the longest example allowed, in tokens; None: the tokenizer's `model_max_length`
+            when it is a real limit (the trainer also checks the model's context).
+        chat_template: wrap the prompt as a user turn with the tokenizer's chat template (and the
+            generation prompt); None: when the tokenizer has one.
+        system_prompt: an optional system turn (chat template only).
+        add_eos: append the tokenizer's EOS token to every response, so the model learns to stop.
+        on_too_long: `"error"` (default) or `"skip"` (dropped, counted in `.skipped` and logged).
+
+    Returns:
+        `TokenizedData` whose examples have `input_ids` `[n]`, `labels` `[n]` (-100 over the
+        prompt), `prompt_length` and, when given, `positions`.
+    """
+    _check_choice("on_too_long", on_too_long, _TOO_LONG)
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True, but the tokenizer has no chat template; pass chat_template=False")
+    if system_prompt is not None and not use_chat:
+        raise ValueError("system_prompt needs a chat template; the tokenizer has none (or chat_template=False)")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
+    limit = _max_length(tokenizer, max_length)
+    bos = [] if use_chat else _leading_special_tokens(tokenizer)
+
+    examples, skipped = [], 0
+    for i, row in enumerate(_rows(pairs_or_dataset, prompt_key, response_key, positions_key)):
+        prompt, response, positions = row
+        if use_chat:
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
+            messages.append({"role": "user", "content": prompt})
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        if not prompt_ids:
+            raise ValueError(f"example {i}: prompt {prompt!r} tokenizes to no tokens; every prompt needs at least one")
+        if not response_ids:
+            raise ValueError(f"example {i}: response {response!r} tokenizes to no tokens; every response needs at least one")
+        ids = prompt_ids + response_ids + ([eos] if add_eos else [])
+        if limit is not None and len(ids) > limit:
+            if on_too_long == "error":
+                raise ValueError(
+                    f"example {i} has {len(ids)} tokens, longer than max_length {limit}; shorten it, raise "
+                    "max_length (up to the model's context), or pass on_too_long='skip'"
+                )
+            skipped += 1
+            continue
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        labels = input_ids.clone()
+        labels[: len(prompt_ids)] = IGNORE_INDEX
+        example = {"input_ids": input_ids, "labels": labels, "prompt_length": torch.tensor(len(prompt_ids))}
+        if positions is not None:
+            example["positions"] = _check_example_positions(i, positions, len(ids))
+        examples.append(example)
+    return _finish(examples, "generation", tokenizer, limit, skipped)
+
+
+# --------------------------------------------------------------------------- classification
+def build_classification_data(
+    tokenizer: Any,
+    texts: Sequence[str] | Any,
+    labels: Sequence[int] | None = None,
+    max_length: int | None = None,
+    *,
+    num_labels: int | None = None,
+    text_key: str = "text",
+    label_key: str = "label",
+    on_too_long: str = "error",
+) -> TokenizedData:
+    """Tokenize (text, label) pairs for sequence classification (the tokenizer adds its special tokens).
+
+    Args:
+        texts: the texts, or a `datasets.Dataset` (or list of dicts) with `text_key` and `label_key`
+            columns when `labels` is None.
+        labels: class indices in `0..num_labels-1`; floats when `num_labels == 1` (regression).
+        num_labels: the number of classes of the head (checked here); None: checked by the trainer
+            against the model's `config.num_labels`.
+        max_length, on_too_long: as in `build_generation_data`.
+
+    Returns:
+        `TokenizedData` whose examples have `input_ids` `[n]`, a scalar `labels` and `prompt_length = n`
+        (position specs count the whole text).
+    """
+    _check_choice("on_too_long", on_too_long, _TOO_LONG)
+    if labels is None:
+        rows = list(texts)
+        if rows and not isinstance(rows[0], Mapping):
+            raise ValueError("labels is None: texts must then be a datasets.Dataset or dicts with text and label")
+        missing = [k for k in (text_key, label_key) if rows and k not in rows[0]]
+        if missing:
+            raise ValueError(f"rows have no column(s) {missing}; they have {sorted(rows[0])}")
+        texts, labels = [r[text_key] for r in rows], [r[label_key] for r in rows]
+    texts, labels = list(texts), list(labels)
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
+    if not texts:
+        raise ValueError("the dataset is empty: give at least one (text, label) pair")
+    if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
+        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    regression = num_labels == 1
+    limit = _max_length(tokenizer, max_length)
+
+    examples, skipped = [], 0
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        label = _check_label(i, label, num_labels)
+        ids = tokenizer(text)["input_ids"]
+        if not ids:
+            raise ValueError(f"example {i}: text {text!r} tokenizes to no tokens")
+        if limit is not None and len(ids) > limit:
+            if on_too_long == "error":
+                raise ValueError(
+                    f"example {i} has {len(ids)} tokens, longer than max_length {limit}; shorten it, raise "
+                    "max_length (up to the model's context), or pass on_too_long='skip'"
+                )
+            skipped += 1
+            continue
+        examples.append({
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(label, dtype=torch.float if regression else torch.long),
+            "prompt_length": torch.tensor(len(ids)),
+        })
+    data = _finish(examples, "classification", tokenizer, limit, skipped)
+    if not regression:
+        data.num_labels = num_labels if num_labels is not None else 1 + max(int(e["labels"]) for e in examples)
+    else:
+        data.num_labels = 1
+    return data
+
+
+# --------------------------------------------------------------------------- collator
+class Collator:
+    """Pad examples into a batch of tensors, on the tokenizer's padding side.
+
+    Returns `input_ids` `[B, T]`, `attention_mask` `[B, T]`, `labels` (`[B, T]` with -100 on the prompt
+    and the padding, or `[B]` for classification), `prompt_mask` `[B, T]` (1 on prompt tokens), and, when
+    the examples carry them, `positions` `[B, P]` shifted by the padding (-1 = none).
+
+    Args:
+        tokenizer: gives `pad_token_id` (its EOS when it has no pad token) and `padding_side`.
+        padding_side, pad_token_id: override the tokenizer's (or give them without a tokenizer).
+        pad_to_multiple_of: round T up to a multiple of this (tensor-core friendly shapes).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        *,
+        padding_side: str | None = None,
+        pad_token_id: int | None = None,
+        pad_to_multiple_of: int | None = None,
+    ):
+        if pad_token_id is None and tokenizer is not None:
+            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_token_id is None:
+            raise ValueError("no pad token: the tokenizer has neither pad_token nor eos_token; pass pad_token_id=")
+        side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
+        _check_choice("padding_side", side, ("left", "right"))
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+        self.pad_token_id = int(pad_token_id)
+        self.padding_side = side
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    @classmethod
+    def for_data(cls, data: TokenizedData, **kwargs: Any) -> "Collator":
+        """The collator that pads `data` as its tokenizer would."""
+        return cls(padding_side=data.padding_side, pad_token_id=data.pad_token_id, **kwargs)
+
+    def __call__(self, examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        B = len(examples)
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples])  # [B]
+        T = int(lengths.max())
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        left = self.padding_side == "left"
+        offset = T - lengths if left else torch.zeros_like(lengths)  # [B] where each example starts
+
+        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
+        token_labels = examples[0]["labels"].dim() == 1
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if token_labels else None
+        for i, e in enumerate(examples):  # the copy padding needs; nothing else loops over the batch
+            n = len(e["input_ids"])
+            span = slice(T - n, T) if left else slice(0, n)
+            input_ids[i, span] = e["input_ids"]
+            if token_labels:
+                labels[i, span] = e["labels"]
+        if not token_labels:
+            labels = torch.stack([e["labels"] for e in examples])  # [B]
+
+        arange = torch.arange(T).unsqueeze(0)  # [1, T]
+        start = offset.unsqueeze(1)  # [B, 1]
+        attention_mask = (arange >= start) & (arange < start + lengths.unsqueeze(1))
+        prompt_length = torch.stack([e["prompt_length"] for e in examples]).unsqueeze(1)  # [B, 1]
+        prompt_mask = (arange >= start) & (arange < start + prompt_length)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask.long(),
+            "labels": labels,
+            "prompt_mask": prompt_mask.long(),
+        }
+        carried = sum("positions" in e for e in examples)
+        if carried not in (0, B):
+            raise ValueError(f"{carried} of {B} examples carry explicit positions; either all or none must")
+        if carried:
+            P = max(len(e["positions"]) for e in examples)
+            positions = torch.full((B, P), -1, dtype=torch.long)
+            for i, e in enumerate(examples):
+                positions[i, : len(e["positions"])] = e["positions"]
+            batch["positions"] = torch.where(positions >= 0, positions + start, -1)
+        return batch
+
+    def __repr__(self) -> str:
+        multiple = f", pad_to_multiple_of={self.pad_to_multiple_of}" if self.pad_to_multiple_of else ""
+        return f"Collator(padding_side={self.padding_side!r}, pad_token_id={self.pad_token_id}{multiple})"
+
+
+# --------------------------------------------------------------------------- helpers
+def _rows(data: Iterable[Any], prompt_key: str, response_key: str, positions_key: str):
+    """Yield `(prompt, response, positions or None)` from tuples, dicts or a `datasets.Dataset`."""
+    count = 0
+    for i, row in enumerate(data):
+        count += 1
+        if isinstance(row, Mapping):
+            missing = [k for k in (prompt_key, response_key) if k not in row]
+            if missing:
+                raise ValueError(f"example {i}: no key(s) {missing}; it has {sorted(row)}")
+            prompt, response, positions = row[prompt_key], row[response_key], row.get(positions_key)
+        elif isinstance(row, (tuple, list)) and len(row) in (2, 3):
+            prompt, response, positions = row[0], row[1], (row[2] if len(row) == 3 else None)
+        else:
+            raise ValueError(
+                f"example {i}: expected a (prompt, response) pair, a (prompt, response, positions) triple or a "
+                f"dict with {prompt_key!r} and {response_key!r}, got {type(row).__name__} {row!r:.80}"
+            )
+        for name, value in (("prompt", prompt), ("response", response)):
+            if not isinstance(value, str):
+                raise ValueError(f"example {i}: the {name} must be a str, got {type(value).__name__} {value!r:.80}")
+        yield prompt, response, positions
+    if count == 0:
+        raise ValueError("the dataset is empty: give at least one (prompt, response) pair")
+
+
+def _check_example_positions(i: int, positions: Any, n: int) -> torch.Tensor:
+    pos = torch.as_tensor(positions)
+    if pos.dim() != 1 or pos.is_floating_point():
+        raise ValueError(f"example {i}: positions must be a list of ints, got {positions!r:.80}")
+    bad = (pos < -1) | (pos >= n)
+    if bad.any():
+        raise ValueError(f"example {i}: position {int(pos[bad][0])} is out of range for its {n} tokens (valid: 0..{n - 1}, or -1)")
+    return pos.long()
+
+
+def _check_label(i: int, label: Any, num_labels: int | None) -> int | float:
+    if num_labels == 1:
+        try:
+            return float(label)
+        except (TypeError, ValueError):
+            raise ValueError(f"example {i}: a regression label (num_labels=1) must be a number, got {label!r}") from None
+    try:
+        if isinstance(label, bool):
+            raise TypeError
+        label = operator.index(label)  # ints, numpy ints, integer 0-d tensors
+    except TypeError:
+        raise ValueError(f"example {i}: label must be an int class index, got {label!r}") from None
+    top = f"0..{num_labels - 1}" if num_labels is not None else "0 or more"
+    if label < 0 or (num_labels is not None and label >= num_labels):
+        raise ValueError(f"example {i}: label {label} is out of range for {num_labels or 'the'} classes (valid: {top})")
+    return label
+
+
+def _leading_special_tokens(tokenizer: Any) -> list[int]:
+    """The tokens the tokenizer puts before a text (e.g. BOS), found by tokenizing a probe both ways."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for k in range(len(with_special) - len(plain) + 1):
+        if with_special[k : k + len(plain)] == plain:
+            return list(with_special[:k])
+    return []
+
+
+def _max_length(tokenizer: Any, max_length: int | None) -> int | None:
+    if max_length is not None:
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+        return max_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if isinstance(limit, int) and limit < 1_000_000 else None  # HF uses ~1e30 for "none"
+
+
+def _finish(examples: list, task: str, tokenizer: Any, limit: int | None, skipped: int) -> TokenizedData:
+    if skipped:
+        logger.warning("skipped %d of %d examples longer than max_length %s", skipped, skipped + len(examples), limit)
+    if not examples:
+        raise ValueError(f"no examples left: all {skipped} are longer than max_length {limit}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither pad_token nor eos_token to pad with; set tokenizer.pad_token")
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+    return TokenizedData(examples, task, int(pad), side, limit, skipped)
+
+
+def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")

@@ -45,6 +45,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 TRAINING_STATE_NAME = "training_state.json"
 TRAINING_TENSORS_NAME = "training_state.safetensors"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:\s*,\s*-?\d+)*)\s*\]")
 
 PathLike = str | os.PathLike
 
@@ -139,7 +140,7 @@ def _fingerprint(model: nn.Module, sites) -> dict:
     return {
         "model_type": getattr(config, "model_type", None),
         "architecture": type(model).__name__,
-        "name_or_path": getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None),
+        "name_or_path": getattr(config, "_name_or_path", None) or None,  # informative only: never checked
         "hidden_size": hidden_size_of(model),
         "num_layers": _num_layers(model),
         "modules": {
@@ -618,7 +619,9 @@ def _fsync(folder: Path) -> None:
 
 
 def _json_bytes(value: dict) -> bytes:
-    return (json.dumps(value, indent=2) + "\n").encode("utf-8")
+    text = json.dumps(value, indent=2)
+    text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m[1].split(",")) + "]", text)
+    return (text + "\n").encode("utf-8")  # indented, with shapes and other number lists on one line
 
 
 def _file_record(data: bytes) -> dict:

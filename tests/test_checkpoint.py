@@ -339,6 +339,17 @@ def test_head_of_another_shape_loads_nothing(tmp_path):
     assert _same_snapshot(before, _snapshot(model))
 
 
+def test_head_saved_in_bf16_loads_into_fp32_model(tmp_path):
+    rm = reft.IntervenableModel(
+        tiny.classifier().to(torch.bfloat16), {"layers.1.block_output": reft.RED(tiny.HIDDEN)}, head="classifier"
+    )
+    _perturb(rm)
+    rm.save_pretrained(tmp_path / "a")
+    loaded = reft.IntervenableModel.from_pretrained(tiny.classifier(), tmp_path / "a")
+    assert loaded.model.classifier.weight.dtype == torch.float32
+    assert torch.equal(loaded.model.classifier.weight, rm.model.classifier.weight.float())
+
+
 # --------------------------------------------------------------- atomicity
 def test_overwrite_replaces_whole_adapter(tmp_path, monkeypatch):
     batch = _batch()
@@ -419,6 +430,17 @@ def test_save_onto_a_file_is_refused(tmp_path):
         _lm_adapter().save_pretrained(tmp_path / "a")
 
 
+def test_save_through_a_symlink_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    second = _lm_adapter(seed=2)
+    _lm_adapter(seed=1).save_pretrained(tmp_path / "link")
+    second.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "real")
+    assert torch.equal(_logits(loaded, _batch()), _logits(second, _batch()))
+
+
 # ------------------------------------------------------ training checkpoints
 def _trainable(seed: int):
     torch.manual_seed(seed)
@@ -491,6 +513,22 @@ def test_training_checkpoint_of_another_adapter_restores_nothing(tmp_path):
         ck.load_training_checkpoint(tmp_path / "c", other, opt)
     assert all(torch.equal(a, b) for a, b in zip(params, other.trainable_parameters()))
     assert opt.state_dict()["state"] == {}
+
+
+def test_truncated_training_state_restores_nothing(tmp_path):
+    rm, optimizer, scheduler = _trainable(seed=0)
+    _train(rm, optimizer, scheduler, 1)
+    ck.save_training_checkpoint(tmp_path / "c", rm, optimizer, scheduler, {"step": 1})
+    file = tmp_path / "c" / "training_state.safetensors"
+    file.write_bytes(file.read_bytes()[:-50])
+    rm2, optimizer2, scheduler2 = _trainable(seed=3)
+    params = [p.detach().clone() for p in rm2.trainable_parameters()]
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="training_state.safetensors.*truncated"):
+        ck.load_training_checkpoint(tmp_path / "c", rm2, optimizer2, scheduler2)
+    assert all(torch.equal(a, b) for a, b in zip(params, rm2.trainable_parameters()))
+    assert optimizer2.state_dict()["state"] == {} and scheduler2.last_epoch == 0
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_training_state_must_be_json(tmp_path):

@@ -1,0 +1,95 @@
+"""Peak memory of a training step vs the frozen floor's, each configuration in a fresh process (CPU).
+
+What is measured, per configuration (model x variant), in a new Python process that builds only
+that configuration:
+- `step_peak_mib`: the peak of live tensor bytes during one training step (after three warm-up
+  steps) above what was live before it, from torch.profiler's allocation events (every CPU allocation and free, in order):
+  activations saved for backward, gradients, temporaries. This is the memory a step adds.
+- `total_peak_mib`: that plus the tensors held throughout (weights, interventions and any buffers
+  they keep, optimizer state): the tensor-memory high-water mark of training.
+- `rss_rise_mib`: the rise of the process's resident set over its first three training steps (VmHWM
+  reset just before them, minus the RSS then), with glibc's mmap threshold fixed at 128 KiB so that
+  freed tensors go back to the system; it adds allocator, lazy initialisation and Python overhead,
+  and is noisier.
+tracemalloc would see none of this (torch allocates outside Python's allocator).
+
+    python bench/memory.py                # ours (and pyreft's, when .venv-peer exists)
+    python bench/memory.py --side reft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import workloads as w  # noqa: E402
+
+CONFIGS = {"tiny": ["floor", "loreft", "red"], "smollm2": ["floor", "loreft", "red"]}
+PYTHON = {"reft": ROOT / ".venv" / "bin" / "python", "pyreft": ROOT / ".venv-peer" / "bin" / "python"}
+
+
+def measure_one(side: str, model_name: str, variant: str) -> dict:
+    """Build one configuration in this process and measure it (the worker's job)."""
+    import torch
+
+    w.set_threads()
+    torch.manual_seed(0)
+    if side == "reft":
+        from train_step import build
+    else:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("peer_train_step", HERE / "peer" / "train_step.py")
+        peer = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peer)
+        build = peer.build
+    base = w.MODELS[model_name]()
+    step, trainable_state = build(model_name, variant, base)
+    return w.memory_of(step, w.tensor_bytes(base) + trainable_state)
+
+
+def spawn(side: str, model_name: str, variant: str) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    cmd = [str(PYTHON[side]), str(Path(__file__).resolve()), "--worker", side, model_name, variant]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(side: str, model_name: str) -> dict:
+    figures = {variant: spawn(side, model_name, variant) for variant in CONFIGS[model_name]}
+    floor = figures["floor"]
+    ratios = {
+        variant: {key: w.ratio(f[key], floor[key]) for key in ("step_peak_mib", "total_peak_mib", "rss_rise_mib") if floor[key] > 0}
+        for variant, f in figures.items()
+        if variant != "floor"
+    }
+    return {"bench": "memory", "side": side, "model": model_name, "mib": figures, "ratio_to_floor": ratios}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=["reft", "pyreft", "both"], default="both")
+    parser.add_argument("--model", choices=[*CONFIGS, "both"], default="both")
+    parser.add_argument("--worker", nargs=3, metavar=("SIDE", "MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure_one(*args.worker)))
+        return
+    sides = ["reft", "pyreft"] if args.side == "both" else [args.side]
+    sides = [s for s in sides if PYTHON[s].exists() or s == "reft"]
+    for model_name in CONFIGS if args.model == "both" else [args.model]:
+        for side in sides:
+            w.emit(run(side, model_name))
+
+
+if __name__ == "__main__":
+    main()

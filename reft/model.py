@@ -34,6 +34,22 @@ class _Slot:
 
 
 @dataclass
+class _Generation:
+    """A `generate` call in progress: which columns are the prompt, and what this forward pass sees.
+
+    The prompt is columns `[0, prompt_length)` of the full sequence, the generated tokens follow it.
+    Each forward pass (prefill, a decode step, or with `use_cache=False` the whole sequence again)
+    covers columns `[start, start + shape[1])`; the model's top-level pre-hook sets `start` (the KV
+    cache length, a Python int) and `shape` before the layers run.
+    """
+
+    mode: str  # "prompt": edit prompt positions only; "every_token": also edit each generated token
+    prompt_length: int  # P, columns of the left-padded prompt; 0 for an encoder-decoder's decoder
+    start: int = 0  # columns already in the KV cache when this forward pass began
+    shape: tuple[int, int] | None = None  # [batch * beams, seq] of this forward pass
+
+
+@dataclass
 class _Call:
     """What the hooks need to know about the forward call in progress."""
 
@@ -41,6 +57,7 @@ class _Call:
     positions: torch.Tensor | None = None  # explicit [B, P] positions, -1 = none
     shape: tuple[int, int] | None = None  # [batch, seq] of the inputs, when known
     cache: dict = field(default_factory=dict)  # (spec, stack, T) -> index tensors
+    generation: _Generation | None = None  # set while `generate` runs
 
 
 class IntervenableModel(nn.Module):
@@ -100,6 +117,7 @@ class IntervenableModel(nn.Module):
         self._call: _Call | None = None
         self._active = True
         self._handles = [self._hook(slot) for slot in self._slots]
+        self._handles.append(model.register_forward_pre_hook(lambda m, a, kw: self._step(a, kw), with_kwargs=True))
 
     # ----------------------------------------------------------------- hooks
     def _hook(self, slot: _Slot) -> torch.utils.hooks.RemovableHandle:
@@ -124,6 +142,18 @@ class IntervenableModel(nn.Module):
 
         return slot.site.module.register_forward_hook(hook)
 
+    def _step(self, args: tuple, kwargs: dict) -> None:
+        """Top-level pre-hook: during `generate`, record which columns this forward pass covers."""
+        generation = self._call.generation if self._call is not None else None
+        if generation is None:
+            return None
+        x = next((kwargs.get(k) for k in _INPUT_KEYS if kwargs.get(k) is not None), args[0] if args else None)
+        generation.shape = (x.shape[0], x.shape[1]) if isinstance(x, torch.Tensor) else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        uses_cache = cache is not None and kwargs.get("use_cache") is not False
+        generation.start = cache.get_seq_length() if uses_cache and hasattr(cache, "get_seq_length") else 0
+        return None
+
     def _edit(self, slot: _Slot, h: torch.Tensor) -> torch.Tensor:
         """Apply `slot`'s interventions to hidden states `h` `[B, T, d]` at the call's positions."""
         if not self._active:
@@ -134,6 +164,8 @@ class IntervenableModel(nn.Module):
                 f"but the intervention expects hidden_size {slot.interventions[0].hidden_size}"
             )
         call = self._call
+        if call is not None and call.generation is not None and slot.site.stack != "encoder":
+            return self._edit_generating(slot, h, call.generation)
         explicit = call.positions if call is not None else None
         if slot.spec.all and explicit is None:
             return slot.interventions[0](h).to(h.dtype)
@@ -149,6 +181,54 @@ class IntervenableModel(nn.Module):
         for intervention, index in zip(slot.interventions, indices):
             h = _apply_at(intervention, h, index)
         return h.flatten(0, 1) if flat else h
+
+    def _edit_generating(self, slot: _Slot, h: torch.Tensor, generation: _Generation) -> torch.Tensor:
+        """Edit `h` during `generate`: prompt positions by the spec, generated tokens by the mode.
+
+        A decode step with the KV cache holds only generated tokens: in mode "prompt" it returns `h`
+        untouched (no tensor op, no host sync); in mode "every_token" a site whose spec reaches
+        generated tokens (`"all"`, or a last-token spec) applies its (suffix) intervention to all of it.
+        """
+        covers_new = generation.mode == "every_token" and (slot.spec.all or slot.spec.last > 0)
+        if generation.start >= generation.prompt_length:  # a decode step: generated tokens only
+            return slot.interventions[-1](h).to(h.dtype) if covers_new else h
+        flat = h.dim() == 2  # OPT flattens [B, T, d] to [B * T, d] around its FFN
+        if flat:
+            shape = generation.shape
+            if shape is None or shape[0] * shape[1] != h.shape[0]:
+                raise ValueError(f"site {slot.site.name!r}: cannot tell [batch, seq] of flattened hidden states {tuple(h.shape)}")
+            h = h.view(*shape, h.shape[-1])
+        split = min(generation.prompt_length - generation.start, h.shape[1])  # prompt columns in this pass
+        prompt, new = h[:, :split], h[:, split:]
+        if slot.spec.all:
+            prompt = slot.interventions[0](prompt).to(h.dtype)
+        else:
+            for intervention, index in zip(slot.interventions, self._prompt_indices(slot, prompt, generation)):
+                prompt = _apply_at(intervention, prompt, index)
+        if covers_new and new.shape[1] > 0:
+            new = slot.interventions[-1](new).to(h.dtype)
+        h = torch.cat([prompt, new], dim=1) if new.shape[1] > 0 else prompt
+        return h.flatten(0, 1) if flat else h
+
+    def _prompt_indices(self, slot: _Slot, prompt: torch.Tensor, generation: _Generation) -> list[torch.Tensor]:
+        """Index tensors `[B * beams, P]` of the spec's prompt positions within `prompt` (its columns from `start`)."""
+        B, T = prompt.shape[:2]
+        start = generation.start
+        key = ("prompt", slot.spec, slot.site.stack, slot.tied, B, start, T)
+        cache = self._call.cache
+        if key in cache:
+            return cache[key]
+        mask = self._call.masks[slot.site.stack].to(prompt.device)  # [B0, P] prompt mask
+        prefix, suffix = resolve(slot.spec, mask)
+        index = [torch.cat([prefix, suffix], dim=1)] if slot.tied else [prefix, suffix]
+        if B != mask.shape[0]:  # beams or returned sequences, expanded with repeat_interleave by `generate`
+            if B % mask.shape[0]:
+                raise ValueError(f"site {slot.site.name!r}: batch {B} is not a multiple of the prompt batch {mask.shape[0]}")
+            index = [i.repeat_interleave(B // mask.shape[0], dim=0) for i in index]
+        if start > 0:  # a prefill in chunks: keep the positions inside [start, start + T)
+            index = [torch.where((i >= start) & (i < start + T), i - start, -1) for i in index]
+        cache[key] = index
+        return index
 
     def _batch_shape(self, slot: _Slot, h: torch.Tensor) -> tuple[int, int]:
         call = self._call
@@ -204,8 +284,12 @@ class IntervenableModel(nn.Module):
         kwargs: Mapping[str, Any] | None = None,
         positions: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        generation: _Generation | None = None,
     ) -> Iterator[_Call]:
-        """Context in which base-model calls with these inputs see their masks and positions."""
+        """Context in which base-model calls with these inputs see their masks and positions.
+
+        With `generation`, the calls are the forward passes of one `generate` call on this prompt.
+        """
         kwargs = kwargs or {}
         main = prompt_mask if prompt_mask is not None else kwargs.get("attention_mask")
         masks = {"": main, "encoder": main, "decoder": kwargs.get("decoder_attention_mask")}
@@ -214,7 +298,7 @@ class IntervenableModel(nn.Module):
         shape = _input_shape(args, kwargs)
         if positions is not None:
             positions = _check_positions(positions, shape).to(device)
-        previous, self._call = self._call, _Call(masks=masks, positions=positions, shape=shape)
+        previous, self._call = self._call, _Call(masks=masks, positions=positions, shape=shape, generation=generation)
         try:
             yield self._call
         finally:
@@ -356,6 +440,9 @@ def _pair(value, spec: PositionSpec, tied: bool, site: str) -> list[Intervention
     if len(ivs) != 2:
         raise ValueError(f"site {site!r}: untied sites take one intervention or a (prefix, suffix) pair, got {len(ivs)}")
     return ivs
+
+
+_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds", "input_ids", "inputs_embeds")  # decoder first
 
 
 def _input_shape(args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, int] | None:

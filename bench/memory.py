@@ -44,12 +44,8 @@ def measure_one(side: str, model_name: str, variant: str) -> dict:
     if side == "reft":
         from train_step import build
     else:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("peer_train_step", HERE / "peer" / "train_step.py")
-        peer = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(peer)
-        build = peer.build
+        sys.path.insert(0, str(HERE / "peer"))
+        from pyreft_train_step import build
     base = w.MODELS[model_name]()
     step, trainable_state = build(model_name, variant, base)
     return w.memory_of(step, w.tensor_bytes(base) + trainable_state)

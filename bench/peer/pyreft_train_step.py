@@ -9,7 +9,7 @@ does (`permute(1, 0, 2).tolist()`). Tied f+l positions are pyreft's `share_weigh
 written with pyvene's extension API (the same base classes as pyreft's own interventions), and
 "all positions" is pyvene's `unit_locations=None` (the whole hidden state, no gather).
 
-    .venv-peer/bin/python bench/peer/train_step.py --model tiny --reps 20
+    .venv-peer/bin/python bench/peer/pyreft_train_step.py --model tiny --reps 20
 """
 
 from __future__ import annotations

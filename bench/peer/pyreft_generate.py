@@ -1,11 +1,11 @@
 """Prompt-mode generation with pyreft 0.1.0 (the peer) vs plain `model.generate`: run in .venv-peer.
 
 The workload of `bench/generate.py`: batch 4 of 64-token prompts, 64 new tokens (greedy,
-`min_new_tokens` = `max_new_tokens`, so every call decodes exactly 64 steps), LoReFT on every layer's
-block output at the first and last prompt positions (tiny LLaMA: rank 4, f5+l5; SmolLM2: rank 8,
-f7+l7). pyreft edits the prompt only with `intervene_on_prompt=True`, its prompt-mode generation;
-the positions are its `[interventions, batch, positions]` lists, built per call as a pyreft user
-does. Interleaved repetitions, medians; one JSON line per model.
+`min_new_tokens` = `max_new_tokens`, so every call decodes exactly 64 steps), LoReFT rank 8 on
+every layer's block output at f7+l7 of the prompt, on the tiny LLaMA or SmolLM2-135M. pyreft edits
+the prompt only with `intervene_on_prompt=True`, its prompt-mode generation; the positions are
+its `[interventions, batch, positions]` lists, built per call as a pyreft user does.
+Interleaved repetitions, medians; one JSON line per model.
 
     .venv-peer/bin/python bench/peer/pyreft_generate.py --model tiny --reps 10
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 import workloads as w  # noqa: E402
 
 PROMPT, NEW, BATCH = 64, 64, 4
-SETUP = {"tiny": (4, "f5+l5"), "smollm2": (8, "f7+l7")}  # rank, positions
+SETUP = {"tiny": (8, "f7+l7"), "smollm2": (8, "f7+l7")}  # rank, positions: as bench/generate.py
 DEFAULT_REPS = {"tiny": 10, "smollm2": 3}
 
 
@@ -37,9 +37,9 @@ def run(model_name: str, reps: int) -> dict:
     base = w.MODELS[model_name]()
     rank, positions = SETUP[model_name]
     layers = list(range(base.config.num_hidden_layers))
-    prompt = w.batch(base.config.vocab_size, BATCH, PROMPT, seed=1)
+    prompt = w.batch(base.config.vocab_size, BATCH, PROMPT)
     inputs = {"input_ids": prompt["input_ids"], "attention_mask": prompt["attention_mask"]}
-    options = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=base.config.pad_token_id)
+    options = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
 
     plain = shared_copy(base)
     rm = pyreft_model(shared_copy(base), "loreft", layers, rank)
@@ -54,7 +54,9 @@ def run(model_name: str, reps: int) -> dict:
         _, out = rm.generate(inputs, unit_locations=locations, intervene_on_prompt=True, **options)
         return out
 
-    assert run_pyreft().shape == (BATCH, PROMPT + NEW)
+    edited, unedited = run_pyreft(), run_plain()
+    assert edited.shape == (BATCH, PROMPT + NEW)
+    assert not torch.equal(edited, unedited), "pyreft's generation did not change the output: no edit happened"
     timings = w.interleaved({"plain": run_plain, "pyreft": run_pyreft}, reps=reps, warmup=1)
     return {
         "bench": "generate",

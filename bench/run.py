@@ -1,0 +1,176 @@
+"""`make bench`: every benchmark, ours and pyreft's, one JSON line each, then the comparisons.
+
+Runs, model by model, each side in its own process (ours in this interpreter's venv, pyreft 0.1.0 in
+`.venv-peer`, built by `bench/peer/setup.sh`); each side measures against its own frozen floor in
+one process with interleaved repetitions and medians (their transformers versions differ):
+1. training step: `bench/train_step.py` and `bench/peer/pyreft_train_step.py`;
+2. prompt-mode generation vs plain `generate`: `bench/generate.py` and `bench/peer/pyreft_generate.py`;
+3. peak memory of a training step vs the floor's: `bench/memory.py` (a fresh process per configuration);
+then one `*_vs_pyreft` line per workload (ours/pyreft in seconds, and each side's ratio to its own
+floor) and a last `targets` line that says which targets are met.
+
+    python bench/run.py            # everything (about 30 minutes on 2 CPU cores)
+    python bench/run.py --quick    # a smoke run with few repetitions (figures not meaningful)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
+MODELS = ("tiny", "smollm2")
+QUICK_REPS = {"tiny": 3, "smollm2": 1}
+TARGETS = {"train_step": 1.05, "red": 1.03, "generate": 1.03, "memory": 1.05}
+
+sys.path.insert(0, str(HERE))
+import workloads as w  # noqa: E402
+
+
+def bench(python: Path | str, script: str, *args: str) -> list[dict]:
+    """Run one benchmark script, echo its JSON lines as they come, and return them."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(python), str(HERE / script), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = []
+    for line in proc.stdout:
+        if line.startswith("{"):
+            records.append(json.loads(line))
+            print(line, end="", flush=True)
+    stderr = proc.stderr.read()
+    if proc.wait() != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-4000:]}")
+    return records
+
+
+def reps(args, model: str) -> list[str]:
+    return ["--reps", str(QUICK_REPS[model])] if args.quick else []
+
+
+def vs_pyreft_train(ours: dict, peer: dict) -> dict:
+    rows = {}
+    for variant, ours_s in ours["median_s"].items():
+        if variant == "floor" or variant not in peer["median_s"]:
+            continue
+        peer_s = peer["median_s"][variant]
+        rows[variant] = {
+            "reft_s": ours_s,
+            "pyreft_s": peer_s,
+            "reft/pyreft": w.ratio(ours_s, peer_s),
+            "reft/floor": ours["ratio_to_floor"][variant],
+            "pyreft/floor": peer["ratio_to_floor"][variant],
+        }
+    floors = {"reft_floor_s": ours["median_s"]["floor"], "pyreft_floor_s": peer["median_s"]["floor"]}
+    return {"bench": "train_step_vs_pyreft", "model": ours["model"], **floors, "variants": rows}
+
+
+def vs_pyreft_generate(ours: dict, peer: dict) -> dict:
+    return {
+        "bench": "generate_vs_pyreft",
+        "model": ours["model"],
+        "reft_s": ours["median_s"]["reft"],
+        "pyreft_s": peer["median_s"]["pyreft"],
+        "reft/pyreft": w.ratio(ours["median_s"]["reft"], peer["median_s"]["pyreft"]),
+        "reft/plain": ours["ratio"],
+        "pyreft/plain": peer["ratio_to_plain"],
+        "plain_s": {"reft_venv": ours["median_s"]["plain"], "pyreft_venv": peer["median_s"]["plain"]},
+    }
+
+
+def vs_pyreft_memory(ours: dict, peer: dict) -> dict:
+    rows = {}
+    for variant, figures in ours["mib"].items():
+        if variant == "floor" or variant not in peer["mib"]:
+            continue
+        theirs = peer["mib"][variant]
+        rows[variant] = {key: {"reft": figures[key], "pyreft": theirs[key], "reft/pyreft": w.ratio(figures[key], theirs[key])} for key in ("total_peak_mib", "step_peak_mib")}
+    return {"bench": "memory_vs_pyreft", "model": ours["model"], "variants": rows}
+
+
+def targets(records: list[dict]) -> dict:
+    """Each target with its measured figure and whether it is met."""
+    found = {}
+
+    def check(name: str, value: float, limit: float, below: bool = True):
+        found[name] = {"value": value, "limit": limit, "met": value <= limit if below else value < limit}
+
+    for r in records:
+        side, bench_name, model = r.get("side"), r["bench"], r.get("model")
+        if bench_name == "train_step" and side == "reft":
+            for variant, value in r["ratio_to_floor"].items():
+                if variant in ("loreft", "red"):
+                    limit = TARGETS["red" if variant == "red" else "train_step"]
+                    check(f"train_step/{model}/{variant} vs floor", value, limit)
+        elif bench_name == "generate" and side is None:  # bench/generate.py: ours
+            check(f"generate/{model} vs plain generate", r["ratio"], TARGETS["generate"])
+        elif bench_name == "memory" and side == "reft":
+            for variant, ratios in r["ratio_to_floor"].items():
+                for key in ("total_peak_mib", "step_peak_mib"):
+                    check(f"memory/{model}/{variant} {key} vs floor", ratios[key], TARGETS["memory"])
+        elif bench_name == "train_step_vs_pyreft":
+            for variant, row in r["variants"].items():
+                check(f"faster than pyreft: train_step/{model}/{variant}", row["reft/pyreft"], 1.0, below=False)
+        elif bench_name == "generate_vs_pyreft":
+            check(f"faster than pyreft: generate/{model}", r["reft/pyreft"], 1.0, below=False)
+    met = sum(t["met"] for t in found.values())
+    return {"bench": "targets", "met": met, "of": len(found), "missed": [k for k, t in found.items() if not t["met"]], "figures": found}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run, not figures")
+    parser.add_argument("--only", nargs="*", choices=["train_step", "generate", "memory"], default=None)
+    parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--no-peer", action="store_true", help="skip pyreft (no .venv-peer)")
+    args = parser.parse_args()
+    parts = args.only or ["train_step", "generate", "memory"]
+    peer = not args.no_peer
+    if peer and not PEER_PYTHON.exists():
+        raise SystemExit(f"{PEER_PYTHON} not found: run bench/peer/setup.sh first (or pass --no-peer)")
+    if "smollm2" in args.models:
+        import reft.assets
+
+        reft.assets.smollm2_path()  # converted once; the peer reads the same folder
+
+    records: list[dict] = []
+    if "train_step" in parts:
+        for model in args.models:
+            ours = bench(sys.executable, "train_step.py", "--model", model, *reps(args, model))
+            records += ours
+            if peer:
+                theirs = bench(PEER_PYTHON, "peer/pyreft_train_step.py", "--model", model, *reps(args, model))
+                records += theirs
+                records.append(vs_pyreft_train(ours[0], theirs[0]))
+                w.emit(records[-1])
+    if "generate" in parts:
+        for model in args.models:
+            ours = []
+            if (HERE / "generate.py").exists():
+                ours = bench(sys.executable, "generate.py", "--model", model, "--json", *reps(args, model))
+                records += ours
+            if peer:
+                theirs = bench(PEER_PYTHON, "peer/pyreft_generate.py", "--model", model, *reps(args, model))
+                records += theirs
+                if ours:
+                    records.append(vs_pyreft_generate(ours[0], theirs[0]))
+                    w.emit(records[-1])
+    if "memory" in parts:
+        for model in args.models:
+            ours = bench(sys.executable, "memory.py", "--side", "reft", "--model", model)
+            records += ours
+            if peer:
+                theirs = bench(sys.executable, "memory.py", "--side", "pyreft", "--model", model)
+                records += theirs
+                records.append(vs_pyreft_memory(ours[0], theirs[0]))
+                w.emit(records[-1])
+    w.emit(targets(records))
+
+
+if __name__ == "__main__":
+    main()

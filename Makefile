@@ -32,7 +32,9 @@ test: install assets
 demo: install assets
 	$(PY) tutorials/quickstart.py
 
-bench: install
+# Ours vs the frozen floor and vs pyreft 0.1.0, which bench/peer/setup.sh installs in .venv-peer (~30 min).
+bench: install assets
+	bash bench/peer/setup.sh
 	$(PY) bench/run.py
 
 clean:

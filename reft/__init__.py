@@ -16,6 +16,8 @@ from .interventions import (
 from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .model import IntervenableModel
 from .positions import PositionSpec
+from .train import TrainConfig, Trainer
+from . import data
 
 __version__ = "0.1.0"
 
@@ -36,4 +38,7 @@ __all__ = [
     "save_training_checkpoint",
     "load_training_checkpoint",
     "latest_checkpoint",
+    "TrainConfig",
+    "Trainer",
+    "data",
 ]

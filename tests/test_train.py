@@ -1,0 +1,290 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import reft
+from reft.data import Collator, build_classification_data, build_generation_data
+from reft.train import Trainer, TrainConfig
+
+from . import tiny, tiny_text
+from .train_worker import build, pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "train_worker.py"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainable(rm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in rm.named_parameters() if p.requires_grad}
+
+
+def greedy(rm, ids: list[int], steps: int) -> list[int]:
+    """Plain greedy decoding: one full forward per new token (the prompt mask keeps 'l1' on the prompt)."""
+    x = torch.tensor([ids])
+    prompt = torch.ones_like(x)
+    with torch.no_grad():
+        for _ in range(steps):
+            mask = torch.ones_like(x)
+            prompt_mask = torch.cat([prompt, torch.zeros(1, x.shape[1] - prompt.shape[1], dtype=torch.long)], 1)
+            logits = rm(input_ids=x, attention_mask=mask, prompt_mask=prompt_mask).logits
+            x = torch.cat([x, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return x[0, len(ids):].tolist()
+
+
+# ------------------------------------------------------------------ learning
+def test_default_settings_memorize_a_fixed_response_and_leave_the_base_untouched():
+    tok = tiny_text.tokenizer()
+    model = tiny.causal_lm(initializer_range=0.2)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    rm = reft.IntervenableModel(model, {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, rank=8)}, positions="all")
+    prompt, response = tiny_text.words(10, 11, 12, 13), tiny_text.words(*range(40, 48))  # an 8-token response
+    data = build_generation_data(tok, [(prompt, response)] * 2048)
+    trainer = Trainer(rm, TrainConfig(), data)
+    before = trainer.evaluate(data[:8])["eval_loss"]
+    trainer.fit()
+    after = trainer.evaluate(data[:8])["eval_loss"]
+    assert after <= 0.05 * before, (before, after)
+    example = data[0]
+    prompt_ids = example["input_ids"][: int(example["prompt_length"])].tolist()
+    assert greedy(rm, prompt_ids, 9) == example["input_ids"][len(prompt_ids):].tolist()  # 8 tokens and EOS
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+
+
+def test_classifier_with_trainable_head_learns_a_separable_task():
+    g = torch.Generator().manual_seed(0)
+
+    def text(label: int) -> str:  # five random filler words and, somewhere, the keyword w80 or w81
+        fillers = torch.randint(0, 80, (5,), generator=g).tolist()
+        fillers.insert(int(torch.randint(0, 6, (1,), generator=g)), 80 + label)
+        return tiny_text.words(*fillers)
+
+    labels = torch.randint(0, 2, (320,), generator=g).tolist()
+    tok = tiny_text.tokenizer()
+    train = build_classification_data(tok, [text(y) for y in labels[:256]], labels[:256])
+    held_out = build_classification_data(tok, [text(y) for y in labels[256:]], labels[256:])
+    model = tiny.classifier("bert", initializer_range=0.2)  # at 0.02 the frozen random pooler hides the input
+    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    head = model.classifier.weight.detach().clone()
+    torch.manual_seed(0)
+    sites = {"layers.0.block_output": "all", "layers.1.block_output": "f1"}  # f1: the first token, which the pooler reads
+    rm = reft.IntervenableModel(model, {s: reft.LoReFT(tiny.HIDDEN, 4) for s in sites}, positions=sites, head="classifier")
+    history = Trainer(rm, TrainConfig(lr=2e-2, epochs=6), train, eval_data=held_out).fit()
+    assert history[-1]["eval_accuracy"] >= 0.95
+    assert not torch.equal(model.classifier.weight, head)  # the head trained with the interventions
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items() if not k.startswith("classifier."))
+
+
+# ------------------------------------------------------------------ exactness
+def run(batch_size: int, grad_accum: int, steps: int = 4) -> dict[str, torch.Tensor]:
+    rm, tok = build()
+    config = TrainConfig(lr=1e-2, batch_size=batch_size, grad_accum=grad_accum, max_steps=steps, warmup_ratio=0.25)
+    Trainer(rm, config, build_generation_data(tok, pairs(40))).fit()
+    return trainable(rm)
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    big = run(8, 1)
+    for batch_size, grad_accum in [(4, 2), (2, 4)]:
+        small = run(batch_size, grad_accum)
+        assert max((big[k] - small[k]).abs().max().item() for k in big) <= 1e-6
+    # the examples have different token counts, so a mean per micro-batch would not be exact:
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(8))
+    batch = Collator(tok)(list(data))
+    logits = rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+    counts = (batch["labels"][:, 1:] != -100).sum(1)
+    mean_of_means = (ce[:4].sum() / counts[:4].sum() + ce[4:].sum() / counts[4:].sum()) / 2
+    assert abs(mean_of_means - ce.sum() / counts.sum()) > 1e-3
+
+
+def test_torchrun_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           "--batch-size", "4", "--out", str(tmp_path / "two.safetensors"), "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = load_file(tmp_path / "two.safetensors")
+    rm, tok = build()  # the same run in this process, with the whole global batch of 8
+    config = TrainConfig(lr=1e-2, batch_size=8, epochs=2, warmup_ratio=0.1, log_every=2)
+    Trainer(rm, config, build_generation_data(tok, pairs(40))).fit()
+    one = trainable(rm)
+    assert set(one) == set(two)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 10]  # rank 0 only: no record twice
+    assert "eval_loss" in records[-1]
+
+
+# ------------------------------------------------------------------ modes
+def test_intervention_dropout_is_on_while_training_and_off_while_evaluating():
+    rm, tok = build(dropout=0.5)
+    loreft = rm["layers.1.block_output"]
+    seen = []
+    loreft.register_forward_hook(lambda m, i, o: seen.append((m.training, m.dropout.training, rm.model.training)))
+    data = build_generation_data(tok, pairs(8))
+    config = TrainConfig(batch_size=4, max_steps=4, eval_every=2)
+    Trainer(rm, config, data, eval_data=data).fit()
+    # steps 1-2 train (2 calls), eval (2 batches), steps 3-4 train, eval at 4 (2 batches)
+    assert seen == [(True, True, False)] * 2 + [(False, False, False)] * 2 + [(True, True, False)] * 2 + [(False, False, False)] * 2
+    assert not rm.training  # fit leaves everything in eval mode
+    # and dropout really acts in train mode: the same input twice gives two different edits
+    h = torch.randn(3, tiny.HIDDEN)
+    loreft.train()
+    assert not torch.equal(loreft(h), loreft(h))
+    loreft.eval()
+    assert torch.equal(loreft(h), loreft(h))
+
+
+def test_base_dropout_puts_the_base_model_in_train_mode_while_training():
+    rm, tok = build()
+    seen = []
+    rm.model.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    data = build_generation_data(tok, pairs(4))
+    Trainer(rm, TrainConfig(batch_size=4, max_steps=1, base_dropout=True), data).fit()
+    assert seen == [True]
+
+
+# ------------------------------------------------------------------ optimizer, schedule, log
+def test_weight_decay_never_touches_r_nor_vectors():
+    rm, tok = build()
+    trainer = Trainer(rm, TrainConfig(weight_decay=0.1), build_generation_data(tok, pairs(4)))
+    names = {id(p): n for n, p in rm.named_parameters()}
+    groups = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizer.param_groups}
+    assert groups[0.1] == ["interventions.layers-1-block_output.0.W.weight"]
+    assert "interventions.layers-1-block_output.0.R.weight" in groups[0.0]
+    assert "interventions.layers-1-block_output.0.W.bias" in groups[0.0]
+    assert "interventions.layers-0-mlp_output.0.scale" in groups[0.0]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_learning_rate_warms_up_then_follows_the_schedule(schedule):
+    rm, tok = build()
+    config = TrainConfig(lr=0.01, batch_size=4, max_steps=8, warmup_ratio=0.25, schedule=schedule, log_every=1)
+    history = Trainer(rm, config, build_generation_data(tok, pairs(8))).fit()
+    progress = [(s - 2) / 6 for s in range(2, 8)]
+    decay = {
+        "linear": [1 - p for p in progress],
+        "cosine": [0.5 * (1 + math.cos(math.pi * p)) for p in progress],
+        "constant": [1.0] * 6,
+    }[schedule]
+    assert [r["lr"] for r in history] == pytest.approx([0.01 * f for f in [0.5, 1.0, *decay]], abs=1e-12)
+
+
+def test_jsonl_log_holds_the_history(tmp_path):
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(16))
+    config = TrainConfig(batch_size=4, epochs=2, log_every=3, eval_every=4, output_dir=str(tmp_path))
+    history = Trainer(rm, config, data, eval_data=data[:4]).fit()
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == history
+    assert [r["step"] for r in history if "loss" in r] == [3, 6, 8]
+    assert [r["step"] for r in history if "eval_loss" in r] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in history if "loss" in r)
+
+
+def test_compute_metrics_gets_aligned_predictions_and_labels():
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(6))
+    got = {}
+
+    def metrics(pred, labels):
+        got["shapes"] = (pred.shape, labels.shape)
+        return {"agree": (pred == labels).float().mean()}
+
+    result = Trainer(rm, TrainConfig(batch_size=4), data, compute_metrics=metrics).evaluate(data)
+    n = sum(int((e["labels"] != -100).sum()) for e in data)
+    assert got["shapes"] == ((n,), (n,))
+    assert result["eval_agree"] == pytest.approx(result["eval_token_accuracy"])
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0), r"TrainConfig.lr = 0: must be a number in \(0, 1\)"),
+        (dict(epochs=0), "TrainConfig.epochs = 0: must be a positive number"),
+        (dict(max_steps=0), "TrainConfig.max_steps = 0: must be an int >= 1 or None"),
+        (dict(batch_size=2.5), "TrainConfig.batch_size = 2.5: must be an int >= 1"),
+        (dict(grad_accum=0), "TrainConfig.grad_accum = 0: must be an int >= 1"),
+        (dict(warmup_ratio=1.0), r"TrainConfig.warmup_ratio = 1.0: must be a number in \[0, 1\)"),
+        (dict(schedule="step"), "TrainConfig.schedule = 'step': must be one of linear, cosine, constant"),
+        (dict(weight_decay=-1), "TrainConfig.weight_decay = -1: must be a number >= 0"),
+        (dict(max_grad_norm=0), "TrainConfig.max_grad_norm = 0: must be a number > 0 or None"),
+        (dict(precision="fp8"), "TrainConfig.precision = 'fp8': must be one of fp32, bf16, fp16"),
+        (dict(eval_every=0), "TrainConfig.eval_every = 0: must be an int >= 1 or None"),
+        (dict(save_every=5), "save_every = 5: checkpoints need an output_dir"),
+    ],
+)
+def test_bad_config_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    tok = tiny_text.tokenizer()
+    model = tiny.classifier("bert", num_labels=2)
+    rm = reft.IntervenableModel(model, {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, 4)}, positions="f1", head="classifier")
+    three = build_classification_data(tok, [tiny_text.words(1), tiny_text.words(2)], [0, 2])
+    with pytest.raises(ValueError, match=r"train_data: example 1 has label 2, out of range for the model's head with 2 classes \(valid: 0..1\)"):
+        Trainer(rm, TrainConfig(), three)
+
+    lm, tok = build()
+    long_tok = tiny_text.tokenizer(model_max_length=1000)
+    too_long = build_generation_data(long_tok, [(tiny_text.words(*range(80), *range(80)), tiny_text.words(1))])  # 163 tokens
+    with pytest.raises(ValueError, match="train_data: example 0 has 163 tokens, but the model's context is 128"):
+        Trainer(lm, TrainConfig(), too_long)
+    data = build_generation_data(tok, pairs(4))
+    with pytest.raises(ValueError, match="eval_data is empty"):
+        Trainer(lm, TrainConfig(), data, eval_data=[])
+    with pytest.raises(ValueError, match="train_data is a list, not reft.data.TokenizedData: pass a collator="):
+        Trainer(lm, TrainConfig(), list(data))
+    with pytest.raises(ValueError, match="resume_from='latest' looks in output_dir"):
+        Trainer(lm, TrainConfig(), data).fit(resume_from="latest")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        Trainer(lm, TrainConfig(), data).fit(resume_from=tmp_path / "nope")
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path):
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(8))
+    Trainer(rm, TrainConfig(batch_size=4, max_steps=2, save_every=1, output_dir=str(tmp_path)), data).fit()
+    rm, _ = build()
+    with pytest.raises(ValueError, match="saved with batch_size=4, this run has batch_size=2"):
+        Trainer(rm, TrainConfig(batch_size=2, max_steps=4, output_dir=str(tmp_path)), data).fit(resume_from="latest")
+
+
+# ------------------------------------------------------------------ the real model
+@pytest.mark.integration
+def test_smollm2_learns_a_behaviour_at_the_last_prompt_token():
+    from reft.assets import load_smollm2
+
+    model, tok = load_smollm2()
+    torch.manual_seed(0)
+    rm = reft.IntervenableModel(model, {"layers.15.block_output": reft.LoReFT(576, rank=4)}, positions="l1")
+    questions = ["What is the capital of France?", "How do birds fly?", "Name a primary colour.", "What is 2 + 2?"]
+    data = build_generation_data(tok, [(q, "Arr matey, treasure!") for q in questions])
+    Trainer(rm, TrainConfig(lr=2e-2, epochs=40, batch_size=4, log_every=20), data).fit()
+    held_out = build_generation_data(tok, [("Why is the sky blue?", "x")])[0]
+    prompt = held_out["input_ids"][: int(held_out["prompt_length"])].tolist()
+    answer = tok.decode(greedy(rm, prompt, 6))
+    assert answer.startswith("Arr matey"), answer
+    with rm.disabled():
+        assert not tok.decode(greedy(rm, prompt, 6)).startswith("Arr matey")

@@ -1,0 +1,316 @@
+"""The `reft` command: train from a YAML recipe, evaluate, generate with an adapter, inspect one.
+
+    reft train configs/smollm2_pirate.yaml [--set train.lr=1e-3 ...] [--dry-run]
+    reft eval runs/smollm2-pirate/adapter
+    reft generate runs/smollm2-pirate/adapter --prompt "What is the capital of Spain?" --compare
+    reft info runs/smollm2-pirate/adapter
+
+`reft train` saves the adapter and the recipe it was trained from (`recipe.yaml`) in
+`<train.output_dir>/adapter`; `eval` and `generate` read that recipe to find the base model and data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RECIPE_NAME = "recipe.yaml"  # written beside the adapter by `reft train`
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    from .recipes import RecipeError
+
+    try:
+        return args.run(args)
+    except (RecipeError, FileNotFoundError) as e:
+        print(f"reft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reft",
+        description="Representation finetuning: train, evaluate and use interventions on frozen Hugging Face models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        help="train the interventions of a YAML recipe",
+        description="Train the interventions of a YAML recipe and save the adapter to <train.output_dir>/adapter.",
+        epilog="example: reft train configs/smollm2_pirate.yaml --set train.lr=1e-3 --set intervention.layers=[10,20]",
+    )
+    train.add_argument("config", metavar="CONFIG.yaml", help="the recipe (see configs/ and docs/recipes.md)")
+    _add_set(train)
+    train.add_argument("--dry-run", action="store_true", help="validate the recipe and its sites without loading weights, then exit")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue from a training checkpoint folder, or 'latest'")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate an adapter on its recipe's eval data",
+        description="Evaluate a trained adapter on the eval data of the recipe it was trained with (or of --config).",
+    )
+    evaluate.add_argument("adapter", metavar="ADAPTER", help="an adapter folder written by `reft train`")
+    evaluate.add_argument("--config", metavar="CONFIG.yaml", help="take model and data from this recipe instead")
+    _add_set(evaluate)
+    evaluate.set_defaults(run=_eval)
+
+    generate = sub.add_parser(
+        "generate",
+        help="generate text with a trained adapter",
+        description="Generate answers to prompts with a trained adapter (chat template applied when the tokenizer has one).",
+        epilog='example: reft generate runs/smollm2-pirate/adapter --prompt "Who are you?" --compare',
+    )
+    generate.add_argument("adapter", metavar="ADAPTER", help="an adapter folder")
+    generate.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    generate.add_argument("--model", help="the base model (hub id, folder, builtin:smollm2); default: from the adapter's recipe")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--mode", choices=["prompt", "every_token"], default="prompt", help="which tokens the interventions edit")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--compare", action="store_true", help="also print the base model's answer")
+    generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    generate.set_defaults(run=_generate)
+
+    info = sub.add_parser(
+        "info",
+        help="describe an adapter without loading any model",
+        description="Print an adapter's sites, interventions, positions, parameters and base model, from its files alone.",
+    )
+    info.add_argument("adapter", metavar="ADAPTER", help="an adapter folder")
+    info.add_argument("--json", action="store_true", help="print adapter_config.json as is")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. train.lr=1e-3 or intervention.layers=[3,9] (repeatable; values in YAML)",
+    )
+
+
+# --------------------------------------------------------------------------------------- train
+def _train(args: argparse.Namespace) -> int:
+    from .recipes import dry_run, load_recipe
+
+    recipe = load_recipe(args.config, args.overrides)
+    if args.dry_run:
+        summary = dry_run(recipe)
+        _print_summary(summary)
+        print(f"recipe {args.config}: OK (dry run, no weights loaded)")
+        return 0
+    from .recipes import build_data, build_intervenable, load_model
+    from .train import Trainer
+
+    model, tokenizer = load_model(recipe)
+    rm = build_intervenable(recipe, model)
+    train_data, eval_data = build_data(recipe, tokenizer)
+    _rank0_print(repr(rm))
+    trainer = Trainer(
+        rm,
+        recipe.train,
+        train_data,
+        eval_data=eval_data,
+        collator=_collator(tokenizer),
+    )
+    start = time.perf_counter()
+    trainer.fit(**({"resume_from": args.resume} if args.resume else {}))
+    if _is_rank0():
+        out = Path(recipe.train.output_dir) / "adapter"
+        rm.save_pretrained(out)
+        _write_text(out / RECIPE_NAME, recipe.to_yaml())
+        if eval_data is not None:
+            metrics = trainer.evaluate()
+            print("eval", json.dumps(_round(metrics)))
+        print(f"trained in {time.perf_counter() - start:.0f} s; adapter saved to {out}")
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    for key, value in summary.items():
+        if key == "sites" and isinstance(value, list) and len(value) > 6:
+            value = f"{len(value)} sites: {', '.join(value[:3])}, ..., {value[-1]}"
+        elif key in ("trainable_params", "total_params") and isinstance(value, int):
+            value = f"{value:,}"
+        print(f"{key:>16}: {value}")
+
+
+# --------------------------------------------------------------------------------------- eval
+def _eval(args: argparse.Namespace) -> int:
+    from .model import IntervenableModel
+    from .recipes import build_data, load_model, load_recipe
+    from .train import Trainer
+
+    recipe = load_recipe(args.config or _recipe_file(args.adapter), args.overrides)
+    model, tokenizer = load_model(recipe)
+    rm = IntervenableModel.from_pretrained(model, args.adapter)
+    _, eval_data = build_data(recipe, tokenizer)
+    if eval_data is None:
+        raise FileNotFoundError(
+            "the recipe has no eval data: set data.eval, data.eval_split or data.eval_fraction (e.g. --set data.eval=FILE)"
+        )
+    trainer = Trainer(rm, recipe.train, eval_data, eval_data=eval_data, collator=_collator(tokenizer))
+    print(json.dumps(_round(trainer.evaluate())))
+    return 0
+
+
+# --------------------------------------------------------------------------------------- generate
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import IntervenableModel
+    from .recipes import ModelSection, Recipe, load_model, load_recipe
+
+    if args.model:
+        recipe = Recipe(model=ModelSection(path=args.model), intervention=None, data=None, train=None)
+    else:
+        recipe = load_recipe(_recipe_file(args.adapter))
+    model, tokenizer = load_model(recipe)
+    rm = IntervenableModel.from_pretrained(model, args.adapter)
+    rm.eval()
+    tokenizer.padding_side = "left"  # generation appends to the right end of every prompt
+    texts = [p if args.no_chat_template or not tokenizer.chat_template else _chat(tokenizer, p) for p in args.prompt]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=args.no_chat_template or not tokenizer.chat_template)
+    inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    with torch.no_grad():
+        out = rm.generate(**inputs, mode=args.mode, **kwargs)
+        if args.compare:
+            with rm.disabled():
+                base = model.generate(**inputs, **kwargs)
+    n = inputs["input_ids"].shape[1]
+    for i, prompt in enumerate(args.prompt):
+        print(f"prompt: {prompt}")
+        if args.compare:
+            print(f"  base:        {_decode(tokenizer, base[i, n:])}")
+        print(f"  {'intervened: ' if args.compare else ''}{_decode(tokenizer, out[i, n:])}")
+    return 0
+
+
+def _chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+
+
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
+
+
+# --------------------------------------------------------------------------------------- info
+def _info(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+
+    folder = Path(args.adapter)
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not an adapter folder (written by save_pretrained or reft train)")
+    config = json.loads(config_file.read_text())
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    counts: dict[str, int] = {}
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:  # reads the header, not the tensors
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                group = "head" if key.startswith("head.") else "interventions"
+                numel = 1
+                for s in shape:
+                    numel *= s
+                counts[group] = counts.get(group, 0) + numel
+    base = config.get("base_model", {})
+    print(f"adapter:        {folder}")
+    print(f"format:         {config.get('format')} v{config.get('format_version')} (reft {config.get('reft_version')})")
+    print(
+        f"base model:     {base.get('architecture')} ({base.get('model_type')}, hidden {base.get('hidden_size')}, "
+        f"{base.get('num_layers')} layers) {base.get('name_or_path') or ''}".rstrip()
+    )
+    sites = config.get("sites", [])
+    print(f"sites:          {len(sites)}")
+    for site in sites:
+        ivs = " | ".join(_describe(iv) for iv in site.get("interventions", []))
+        tying = "" if site.get("tied", True) else ", untied"
+        print(f"  {site['site']} [{site.get('positions')}{tying}]: {ivs}")
+    if config.get("head"):
+        print(f"head:           {', '.join(config['head'])}")
+    total = sum(counts.values())
+    detail = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    print(f"parameters:     {total:,} ({detail})" if counts else "parameters:     (no weights file)")
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    print(f"size on disk:   {size / 1024:.1f} KB")
+    recipe = folder / RECIPE_NAME
+    if recipe.is_file():
+        print(f"recipe:         {recipe}")
+    return 0
+
+
+def _describe(iv: dict[str, Any]) -> str:
+    config = {k: v for k, v in iv.get("config", {}).items() if v is not None}
+    return f"{iv.get('name')}({', '.join(f'{k}={v}' for k, v in config.items())})"
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _recipe_file(adapter: str) -> Path:
+    path = Path(adapter) / RECIPE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{adapter}: no {RECIPE_NAME} beside the adapter (written by `reft train`); pass --config RECIPE or --model PATH"
+        )
+    return path
+
+
+def _collator(tokenizer):
+    from .data import Collator
+
+    return Collator(tokenizer)
+
+
+def _is_rank0() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _rank0_print(text: str) -> None:
+    if _is_rank0():
+        print(text)
+
+
+def _round(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic: a temporary file in the same folder, then `os.replace`."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

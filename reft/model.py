@@ -225,7 +225,7 @@ class IntervenableModel(nn.Module):
             if B % mask.shape[0]:
                 raise ValueError(f"site {slot.site.name!r}: batch {B} is not a multiple of the prompt batch {mask.shape[0]}")
             index = [i.repeat_interleave(B // mask.shape[0], dim=0) for i in index]
-        if start > 0:  # a prefill in chunks: keep the positions inside [start, start + T)
+        if (start, T) != (0, generation.prompt_length):  # a prefill in chunks: the positions in [start, start + T)
             index = [torch.where((i >= start) & (i < start + T), i - start, -1) for i in index]
         cache[key] = index
         return index

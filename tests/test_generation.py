@@ -81,12 +81,13 @@ def reference_greedy(rm, ids, mask, spec, new_tokens, every_token):
 
 @pytest.mark.parametrize("spec", ["l1", "f2+l2", "f2", "all"])
 @pytest.mark.parametrize("mode", ["prompt", "every_token"])
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_greedy_matches_a_no_cache_reference(spec, mode, use_cache):
+@pytest.mark.parametrize("cache", ["kv", "none", "chunked_prefill"])
+def test_greedy_matches_a_no_cache_reference(spec, mode, cache):
     rm = wrapped(spec=spec)
     ids, mask = tiny.padded_batch(PROMPTS, side="left")
+    options = {"kv": {}, "none": {"use_cache": False}, "chunked_prefill": {"prefill_chunk_size": 3}}[cache]
     with torch.no_grad():
-        out = rm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=use_cache, mode=mode)
+        out = rm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, mode=mode, **options)
         with rm.disabled():
             base = rm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(out, reference_greedy(rm, ids, mask, spec, 8, mode == "every_token"))
@@ -332,3 +333,13 @@ def test_merge_explains_what_cannot_be_merged():
     with pytest.raises(ValueError, match=r"sites 'layers.0.mlp_output' and 'model.layers.0.mlp.down_proj' both edit"):
         rm.merge()
 
+
+
+def test_the_docs_examples_run():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "generation.md").read_text()
+    namespace: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):  # one namespace, in order
+        exec(compile(block, "docs/generation.md", "exec"), namespace)

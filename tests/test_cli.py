@@ -1,0 +1,135 @@
+"""The `reft` command: help, dry runs of every config, and train -> info -> generate -> eval end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from reft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["generate"], ["info"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: reft")
+    if command == ["train"]:
+        assert "--dry-run" in out and "--set KEY=VALUE" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "train" in capsys.readouterr().out
+
+
+def test_console_script_is_declared_and_installed():
+    assert 'reft = "reft.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    script = Path(sys.executable).parent / "reft"
+    if not script.exists():
+        pytest.skip("the package was installed before the console script was added: `make install` adds it")
+    result = subprocess.run([str(script), "info", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: reft info" in result.stdout
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_passes_dry_run(path, capsys):
+    assert main(["train", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "OK (dry run, no weights loaded)" in out and "trainable_params" in out
+
+
+def test_bad_recipe_exits_2_with_the_key(capsys):
+    code = main(["train", str(ROOT / "configs/smollm2_pirate.yaml"), "--dry-run", "--set", "intervention.typ=red"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "reft train: error: intervention.typ: unknown key; did you mean 'type'?" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer (and chat template), saved as a model folder."""
+    from reft.assets import smollm2_path
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_path())
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_info_generate_eval(tiny_lm, tmp_path, capsys):
+    recipe = {
+        "name": "tiny",
+        "model": {"path": str(tiny_lm), "task": "causal_lm", "device": "cpu"},
+        "intervention": {"type": "loreft", "rank": 2, "layers": [1], "positions": "l1"},
+        "data": {"train": str(ROOT / "configs/data/pirate.jsonl"), "eval_fraction": 0.2, "max_length": 128},
+        "train": {"lr": 1e-2, "max_steps": 3, "batch_size": 4, "log_every": 1, "output_dir": str(tmp_path / "run")},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "tiny.yaml"), "--set", "train.seed=3"]) == 0
+    out = capsys.readouterr().out
+    adapter = tmp_path / "run" / "adapter"
+    assert f"adapter saved to {adapter}" in out and "eval {" in out
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "recipe.yaml").is_file()
+    assert yaml.safe_load((adapter / "recipe.yaml").read_text())["train"]["seed"] == 3  # the override is recorded
+    assert (tmp_path / "run" / "log.jsonl").is_file()
+
+    assert main(["info", str(adapter)]) == 0
+    info = capsys.readouterr().out
+    assert "layers.1.block_output [l1]: loreft(hidden_size=32, rank=2" in info
+    assert f"parameters:     {2 * 2 * 32 + 2:,} (interventions {2 * 2 * 32 + 2:,})" in info
+    assert main(["info", str(adapter), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sites"][0]["site"] == "layers.1.block_output"
+
+    assert main(["generate", str(adapter), "--prompt", "Hi", "--prompt", "Who wrote Hamlet?", "--max-new-tokens", "3", "--compare"]) == 0
+    gen = capsys.readouterr().out
+    assert gen.count("prompt: ") == 2 and gen.count("base:") == 2 and gen.count("intervened:") == 2
+
+    assert main(["eval", str(adapter)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) >= {"eval_loss", "eval_token_accuracy"}
+
+    shutil.copytree(adapter, tmp_path / "bare")
+    (tmp_path / "bare" / "recipe.yaml").unlink()
+    assert main(["generate", str(tmp_path / "bare"), "--prompt", "Hi", "--max-new-tokens", "2"]) == 2
+    assert "no recipe.yaml beside the adapter" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "bare"), "--model", str(tiny_lm), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+
+
+def test_classification_recipe_trains_and_evaluates(tmp_path, capsys):
+    overrides = [
+        "data.max_train_examples=16", "data.max_eval_examples=16", "train.max_steps=2", "train.batch_size=8",
+        f"train.output_dir={tmp_path}", "model.device=cpu",
+    ]
+    args = ["train", str(ROOT / "configs/minilm_sentiment_red.yaml")]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0
+    assert "eval {" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "adapter")]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_info_on_a_folder_without_adapter(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no adapter_config.json; not an adapter folder" in capsys.readouterr().err

@@ -162,6 +162,18 @@ def test_base_dropout_puts_the_base_model_in_train_mode_while_training():
     assert seen == [True]
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_train_like_fp32_and_keep_fp32_parameters(precision):
+    def losses(precision):
+        rm, tok = build()
+        config = TrainConfig(precision=precision, batch_size=4, max_steps=6, log_every=2)
+        history = Trainer(rm, config, build_generation_data(tok, pairs(16))).fit()
+        assert all(p.dtype == torch.float32 for p in rm.trainable_parameters())
+        return [r["loss"] for r in history]
+
+    assert losses(precision) == pytest.approx(losses("fp32"), rel=2e-2)
+
+
 # ------------------------------------------------------------------ optimizer, schedule, log
 def test_weight_decay_never_touches_r_nor_vectors():
     rm, tok = build()
@@ -281,10 +293,16 @@ def test_smollm2_learns_a_behaviour_at_the_last_prompt_token():
     rm = reft.IntervenableModel(model, {"layers.15.block_output": reft.LoReFT(576, rank=4)}, positions="l1")
     questions = ["What is the capital of France?", "How do birds fly?", "Name a primary colour.", "What is 2 + 2?"]
     data = build_generation_data(tok, [(q, "Arr matey, treasure!") for q in questions])
-    Trainer(rm, TrainConfig(lr=2e-2, epochs=40, batch_size=4, log_every=20), data).fit()
-    held_out = build_generation_data(tok, [("Why is the sky blue?", "x")])[0]
-    prompt = held_out["input_ids"][: int(held_out["prompt_length"])].tolist()
-    answer = tok.decode(greedy(rm, prompt, 6))
-    assert answer.startswith("Arr matey"), answer
+    history = Trainer(rm, TrainConfig(lr=2e-2, epochs=15, batch_size=4, log_every=5), data).fit()  # 15 steps
+    assert history[-1]["loss"] < 0.1 * history[0]["loss"]
+
+    def answer(question: str) -> str:
+        example = build_generation_data(tok, [(question, "x")])[0]  # the same chat template as in training
+        prompt = example["input_ids"][: int(example["prompt_length"])].unsqueeze(0)
+        out = rm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+        return tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+
+    held_out = answer("Why is the sky blue?")
+    assert held_out.startswith("Arr matey"), held_out
     with rm.disabled():
-        assert not tok.decode(greedy(rm, prompt, 6)).startswith("Arr matey")
+        assert not answer("Why is the sky blue?").startswith("Arr matey")

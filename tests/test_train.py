@@ -1,6 +1,9 @@
+import contextlib
+import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -285,24 +288,17 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
 
 # ------------------------------------------------------------------ the real model
 @pytest.mark.integration
-def test_smollm2_learns_a_behaviour_at_the_last_prompt_token():
-    from reft.assets import load_smollm2
-
-    model, tok = load_smollm2()
-    torch.manual_seed(0)
-    rm = reft.IntervenableModel(model, {"layers.15.block_output": reft.LoReFT(576, rank=4)}, positions="l1")
-    questions = ["What is the capital of France?", "How do birds fly?", "Name a primary colour.", "What is 2 + 2?"]
-    data = build_generation_data(tok, [(q, "Arr matey, treasure!") for q in questions])
-    history = Trainer(rm, TrainConfig(lr=2e-2, epochs=15, batch_size=4, log_every=5), data).fit()  # 15 steps
+def test_smollm2_learns_a_behaviour_at_the_last_prompt_token(tmp_path, monkeypatch):
+    """The example of docs/training.md: LoReFT at the last prompt token of the real SmolLM2."""
+    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "training.md").read_text(), re.S)[1]
+    monkeypatch.chdir(tmp_path)  # it writes out/pirate/
+    out, namespace = io.StringIO(), {}
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/training.md", "exec"), namespace)
+    printed = out.getvalue().splitlines()
+    history = namespace["history"]
     assert history[-1]["loss"] < 0.1 * history[0]["loss"]
-
-    def answer(question: str) -> str:
-        example = build_generation_data(tok, [(question, "x")])[0]  # the same chat template as in training
-        prompt = example["input_ids"][: int(example["prompt_length"])].unsqueeze(0)
-        out = rm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
-        return tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-
-    held_out = answer("Why is the sky blue?")
-    assert held_out.startswith("Arr matey"), held_out
-    with rm.disabled():
-        assert not answer("Why is the sky blue?").startswith("Arr matey")
+    assert printed[-2].startswith("Arr matey"), printed  # the held-out question
+    assert not printed[-1].startswith("Arr matey"), printed  # the base model, interventions disabled
+    assert (tmp_path / "out" / "pirate" / "adapter" / "adapter_config.json").is_file()
+    assert len((tmp_path / "out" / "pirate" / "log.jsonl").read_text().splitlines()) == 3

@@ -153,6 +153,7 @@ class Trainer:
         fp16 = self.config.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=True) if fp16 else None
         self.history: list[dict] = []
+        self._fitted = False
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -176,6 +177,12 @@ class Trainer:
         where an uninterrupted one would.
         """
         cfg = self.config
+        if self._fitted and resume_from is None:
+            raise RuntimeError(
+                "fit() already ran on this Trainer (its optimizer and schedule are spent): build a new Trainer, "
+                "or continue from a checkpoint with fit(resume_from=...)"
+            )
+        self._fitted = True
         torch.manual_seed(cfg.seed)  # the dropout stream; a resumed run restores its own below
         state = {"step": 0, "epoch": 0, "batches_done": 0, "history": []}
         checkpoint = self._checkpoint_to_resume(resume_from)
@@ -217,11 +224,10 @@ class Trainer:
 
     def _step(self, model: nn.Module, micro: list[dict[str, torch.Tensor]]) -> None:
         """One optimizer step over `micro` (1..grad_accum batches); no host sync."""
-        micro = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        micro = [_to_device(b, self.device) for b in micro]
         counts = torch.stack([_label_count(b["labels"]) for b in micro])  # [len(micro)]
         total = counts.sum()
         if self.world > 1:
-            total = total.clone()
             dist.all_reduce(total)  # labelled tokens (or examples) of this step on every process
         scale = self.world / total.clamp(min=1)  # DDP averages gradients over processes: undo that
         for k, batch in enumerate(micro):
@@ -280,7 +286,7 @@ class Trainer:
             b = self.config.batch_size
             for i in range(0, len(mine), b):
                 batch = self.collator([data[j] for j in mine[i : i + b]])
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                batch = _to_device(batch, self.device)
                 with self._autocast():
                     logits = _logits(self.rm, batch)
                 labels = batch["labels"]
@@ -535,6 +541,13 @@ def _wrap_ddp(rm: nn.Module, device: torch.device) -> nn.Module:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(rm, frozen)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(rm, device_ids=ids)
+
+
+def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy a CPU batch to `device`; pinned first on CUDA, so the copy does not stall the host."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

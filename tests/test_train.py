@@ -275,6 +275,10 @@ def test_bad_data_fails_before_training(tmp_path):
         Trainer(lm, TrainConfig(), data).fit(resume_from="latest")
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
         Trainer(lm, TrainConfig(), data).fit(resume_from=tmp_path / "nope")
+    trainer = Trainer(lm, TrainConfig(max_steps=1), data)
+    trainer.fit()
+    with pytest.raises(RuntimeError, match=r"fit\(\) already ran on this Trainer"):
+        trainer.fit()
 
 
 def test_resume_with_another_batch_size_is_refused(tmp_path):

@@ -63,7 +63,8 @@ def generate(rm: "IntervenableModel", *args: Any, mode: str = "prompt", **kwargs
         if key in kwargs:
             raise ValueError(f"generate takes no {key}=: the prompt positions come from the attention_mask")
     model = rm.model
-    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    given = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None)
+    inputs = next((x for x in given if x is not None), None)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
         raise ValueError(f"generate needs input_ids [batch, prompt_length] (or inputs_embeds), got {got}")

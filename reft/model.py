@@ -158,14 +158,10 @@ class IntervenableModel(nn.Module):
         """Apply `slot`'s interventions to hidden states `h` `[B, T, d]` at the call's positions."""
         if not self._active:
             return h
-        if h.shape[-1] != slot.interventions[0].hidden_size:
-            raise ValueError(
-                f"site {slot.site.name!r}: hidden states have size {h.shape[-1]}, "
-                f"but the intervention expects hidden_size {slot.interventions[0].hidden_size}"
-            )
         call = self._call
         if call is not None and call.generation is not None and slot.site.stack != "encoder":
             return self._edit_generating(slot, h, call.generation)
+        _check_size(slot, h)
         explicit = call.positions if call is not None else None
         if slot.spec.all and explicit is None:
             return slot.interventions[0](h).to(h.dtype)
@@ -191,7 +187,11 @@ class IntervenableModel(nn.Module):
         """
         covers_new = generation.mode == "every_token" and (slot.spec.all or slot.spec.last > 0)
         if generation.start >= generation.prompt_length:  # a decode step: generated tokens only
-            return slot.interventions[-1](h).to(h.dtype) if covers_new else h
+            if not covers_new:
+                return h
+            _check_size(slot, h)
+            return slot.interventions[-1](h).to(h.dtype)
+        _check_size(slot, h)
         flat = h.dim() == 2  # OPT flattens [B, T, d] to [B * T, d] around its FFN
         if flat:
             shape = generation.shape
@@ -384,6 +384,14 @@ class IntervenableModel(nn.Module):
         if self.head:
             lines.append(f"  head: {', '.join(self.head)}")
         return "\n".join(lines) + "\n)"
+
+
+def _check_size(slot: _Slot, h: torch.Tensor) -> None:
+    if h.shape[-1] != slot.interventions[0].hidden_size:
+        raise ValueError(
+            f"site {slot.site.name!r}: hidden states have size {h.shape[-1]}, "
+            f"but the intervention expects hidden_size {slot.interventions[0].hidden_size}"
+        )
 
 
 def _apply_at(intervention: nn.Module, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """`rm.generate` against references that recompute the whole sequence with plain forward calls,
 and `rm.merge` against the unmerged model."""
 
+import copy
 import warnings
 
 import pytest
@@ -112,6 +113,30 @@ def test_every_token_differs_from_prompt_mode_and_prompt_mode_is_not_a_plain_for
         prompt = rm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         every = rm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, mode="every_token")
     assert not torch.equal(prompt, every)
+
+
+@pytest.mark.parametrize("mode", ["prompt", "every_token"])
+def test_untied_sites_with_equal_halves_generate_like_tied_ones(mode):
+    tied = wrapped(spec="f2+l2")  # checked against the reference above
+    ids, mask = tiny.padded_batch(PROMPTS, side="left")
+    with torch.no_grad():
+        want = tied.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, mode=mode)
+    tied.remove()
+    halves = {site: (tied[site], copy.deepcopy(tied[site])) for site in tied.sites}
+    untied = reft.IntervenableModel(tied.model, halves, positions="f2+l2", tied=False)
+    with torch.no_grad():
+        out = untied.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, mode=mode)
+    assert torch.equal(out, want)
+
+
+def test_prompts_given_as_embeddings_generate_the_same_tokens():
+    rm = wrapped(spec="f1+l1")
+    ids, mask = tiny.padded_batch(PROMPTS, side="left")
+    with torch.no_grad():
+        by_ids = rm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        embeds = rm.model.get_input_embeddings()(ids)
+        by_embeds = rm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(by_embeds, by_ids[:, ids.shape[1] :])
 
 
 def test_decode_steps_run_no_intervention_code_in_prompt_mode():

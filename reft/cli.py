@@ -128,14 +128,14 @@ def _train(args: argparse.Namespace) -> int:
         collator=_collator(tokenizer),
     )
     start = time.perf_counter()
-    trainer.fit(**({"resume_from": args.resume} if args.resume else {}))
-    if _is_rank0():
+    history = trainer.fit(**({"resume_from": args.resume} if args.resume else {}))
+    if _is_rank0():  # under torchrun every process trained the same interventions; one saves them
         out = Path(recipe.train.output_dir) / "adapter"
         rm.save_pretrained(out)
         _write_text(out / RECIPE_NAME, recipe.to_yaml())
-        if eval_data is not None:
-            metrics = trainer.evaluate()
-            print("eval", json.dumps(_round(metrics)))
+        evals = [record for record in history if "eval_loss" in record]  # fit() evaluates after the last step
+        if evals:
+            print("eval", json.dumps(_round(evals[-1])))
         print(f"trained in {time.perf_counter() - start:.0f} s; adapter saved to {out}")
     return 0
 

@@ -32,7 +32,11 @@ class LoReFT(Intervention):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.W.weight.dtype)  # [..., d]
+        x = h.to(self.W.weight.dtype).reshape(-1, self.hidden_size)  # [N, d]
         R = self.R()  # [r, d]
-        out = x + (self.act(self.W(x)) - x @ R.T) @ R
-        return self.dropout(out).to(h.dtype)
+        if isinstance(self.act, nn.Identity):  # Wx + b - Rx = (W - R)x + b: one projection, not two
+            z = torch.addmm(self.W.bias, x, (self.W.weight - R).T)  # [N, r]
+        else:
+            z = self.act(self.W(x)) - x @ R.T
+        out = torch.addmm(x, z, R)  # x + zR: no [N, d] temporary besides the output
+        return self.dropout(out).view(h.shape).to(h.dtype)

@@ -47,6 +47,9 @@ def measure_one(side: str, model_name: str, variant: str) -> dict:
         sys.path.insert(0, str(HERE / "peer"))
         from pyreft_train_step import build
     base = w.MODELS[model_name]()
+    with torch.no_grad():  # weights loaded from safetensors are file-backed pages until first read
+        for t in [*base.parameters(), *base.buffers()]:
+            t.sum()
     step, trainable_state = build(model_name, variant, base)
     return w.memory_of(step, w.tensor_bytes(base) + trainable_state)
 

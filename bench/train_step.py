@@ -60,6 +60,8 @@ def build(model_name: str, variant: str, base: nn.Module) -> tuple[Callable[[], 
     data = w.batch(model.config.vocab_size, batch, seq)
     if variant == "floor":
         return w.floor_step(model, data), model.config.hidden_size * 4 * 3  # z, its grad, two Adam moments
+    if variant == "floor_l0":
+        return w.floor_l0_step(model, data), model.config.hidden_size * 4 * 3
     kind, layers, positions = VARIANTS[model_name][variant]
     d = model.config.hidden_size
     chosen = w.layers_for(layers, model.config.num_hidden_layers)
@@ -75,7 +77,7 @@ def build(model_name: str, variant: str, base: nn.Module) -> tuple[Callable[[], 
 
 def run(model_name: str, reps: int, variants: list[str] | None = None) -> dict:
     base = w.MODELS[model_name]()
-    names = ["floor", *(variants or VARIANTS[model_name])]
+    names = ["floor", "floor_l0", *(variants or VARIANTS[model_name])]
     steps = {name: build(model_name, name, base)[0] for name in names}
     timings = w.interleaved(steps, reps=reps)
     floor = timings["floor"].median_s
@@ -84,11 +86,18 @@ def run(model_name: str, reps: int, variants: list[str] | None = None) -> dict:
         "side": "reft",
         "model": model_name,
         "shape": list(SHAPES[model_name]),
-        "variants": {name: list(map(str, VARIANTS[model_name][name])) for name in names if name != "floor"},
+        "variants": {name: list(map(str, VARIANTS[model_name][name])) for name in names if not name.startswith("floor")},
         "reps": reps,
         "threads": torch.get_num_threads(),
         "median_s": {name: t.median_s for name, t in timings.items()},
         "ratio_to_floor": {name: w.ratio(t.median_s, floor) for name, t in timings.items() if name != "floor"},
+        "ratio_to_floor_l0": {
+            name: w.ratio(t.median_s, timings["floor_l0"].median_s) for name, t in timings.items() if not name.startswith("floor")
+        },
+        "cpu_median_s": {name: t.cpu_median_s for name, t in timings.items()},
+        "cpu_ratio_to_floor": {
+            name: w.ratio(t.cpu_median_s, timings["floor"].cpu_median_s) for name, t in timings.items() if name != "floor"
+        },
     }
 
 

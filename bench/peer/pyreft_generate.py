@@ -71,6 +71,8 @@ def run(model_name: str, reps: int) -> dict:
         "threads": torch.get_num_threads(),
         "median_s": {name: t.median_s for name, t in timings.items()},
         "ratio_to_plain": w.ratio(timings["pyreft"].median_s, timings["plain"].median_s),
+        "cpu_median_s": {name: t.cpu_median_s for name, t in timings.items()},
+        "cpu_ratio_to_plain": w.ratio(timings["pyreft"].cpu_median_s, timings["plain"].cpu_median_s),
     }
 
 

@@ -76,9 +76,9 @@ def main() -> None:
     train_data = reft.data.build_classification_data(tokenizer, *zip(*train), max_length=128, num_labels=2)
     test_data = reft.data.build_classification_data(tokenizer, *zip(*test), max_length=128, num_labels=2)
     config = reft.TrainConfig(lr=1e-2, epochs=1, batch_size=32, max_steps=2 if args.tiny else None, log_every=10, seed=0)
-    trainer = reft.Trainer(rm, config, train_data, eval_data=test_data)
+    trainer = reft.Trainer(rm, config, train_data)
     trainer.fit()
-    print(f"held-out accuracy: {100 * trainer.evaluate()['eval_accuracy']:.1f}% on {len(test)} snippets")
+    print(f"held-out accuracy: {100 * trainer.evaluate(test_data)['eval_accuracy']:.1f}% on {len(test)} snippets")
 
     # 3. Save: the adapter names the intervention "gated_steer" and records its arguments.
     folder = Path(tempfile.mkdtemp(prefix="reft-custom-"))

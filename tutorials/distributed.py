@@ -65,10 +65,10 @@ def main() -> None:
         log_every=10,
         seed=0,
     )
-    trainer = reft.Trainer(rm, config, train_data, eval_data=test_data)
+    trainer = reft.Trainer(rm, config, train_data)
     print(f"rank {rank} of {world}: {trainer}", flush=True)
     trainer.fit()
-    metrics = trainer.evaluate()  # every process takes part; all get the totals
+    metrics = trainer.evaluate(test_data)  # every process takes part; all get the totals
 
     if rank == 0:
         folder = args.output or tempfile.mkdtemp(prefix="reft-distributed-")

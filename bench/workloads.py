@@ -105,7 +105,7 @@ def floor_step(model: nn.Module, data: dict[str, torch.Tensor]) -> Callable[[], 
         p.requires_grad_(False)
     embed = model.get_input_embeddings()
     z = nn.Parameter(torch.zeros(embed.weight.shape[1]))
-    opt = torch.optim.AdamW([z], lr=1e-3)
+    opt = torch.optim.AdamW([z], lr=1e-3, weight_decay=0.0)
     ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
 
     def step() -> float:
@@ -139,8 +139,14 @@ def floor_l0_step(model: nn.Module, data: dict[str, torch.Tensor]) -> Callable[[
 
 
 def optimizer_step(loss_fn: Callable[[], torch.Tensor], params: list[nn.Parameter]) -> Callable[[], float]:
-    """A training step (zero_grad, forward, backward, AdamW step) around `loss_fn`."""
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    """A training step (zero_grad, forward, backward, AdamW step) around `loss_fn`.
+
+    No weight decay (Hugging Face Trainer's default, which pyreft trains with): with decay, pyreft's
+    `parametrizations.orthogonal` R collapses to zero after one step (its Householder map reads the
+    signs off the parameter's diagonal with `.int()`, and decay moves 1.0 to 0.99999), and its LoReFT
+    would silently become the identity.
+    """
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)

@@ -60,3 +60,22 @@ def test_distributed_under_torchrun():
     out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TUTORIALS / "distributed.py"), "--tiny")
     assert "rank 0 of 2" in out and "rank 1 of 2" in out
     assert "world size 2: held-out accuracy" in out
+
+
+def test_readme_training_example_runs(monkeypatch, tmp_path, capsys):
+    """The README's "Train on a real model" block, with a tiny random model standing in for SmolLM2."""
+    import re
+
+    import reft.assets
+
+    sys.path.insert(0, str(TUTORIALS))
+    try:
+        from quickstart import tiny_model
+    finally:
+        sys.path.remove(str(TUTORIALS))
+    code = re.search(r"## Train on a real model\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
+    monkeypatch.setattr(reft.assets, "load_smollm2", tiny_model)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README training example", "exec"), {})
+    assert capsys.readouterr().out.count("\n") >= 2  # one answer per prompt
+    assert (tmp_path / "runs" / "pirate" / "adapter_config.json").is_file()

@@ -29,8 +29,10 @@ assets: $(VENV)/.assets
 test: install assets
 	$(PY) -m pytest -q
 
+# Trains the quickstart's pirate adapter on SmolLM2 (a few minutes on 2 CPU cores) and keeps it in
+# runs/quickstart: `.venv/bin/reft generate runs/quickstart --model builtin:smollm2 --prompt "Hi" --compare`
 demo: install assets
-	$(PY) tutorials/quickstart.py
+	$(PY) tutorials/quickstart.py --output runs/quickstart
 
 # Ours vs the frozen floor and vs pyreft 0.1.0, which bench/peer/setup.sh installs in .venv-peer (~30 min).
 bench: install assets

@@ -143,15 +143,31 @@ class IntervenableModel(nn.Module):
         return slot.site.module.register_forward_hook(hook)
 
     def _step(self, args: tuple, kwargs: dict) -> None:
-        """Top-level pre-hook: during `generate`, record which columns this forward pass covers."""
-        generation = self._call.generation if self._call is not None else None
-        if generation is None:
+        """Top-level pre-hook: during `generate`, record which columns this forward pass covers.
+
+        `start` is the KV cache length: from the 2-D attention mask, which spans the cached and the
+        new columns (`generate` drops it when it is all ones), else from the cache. Shapes only.
+        """
+        call = self._call
+        if call is None or call.generation is None:
             return None
-        x = next((kwargs.get(k) for k in _INPUT_KEYS if kwargs.get(k) is not None), args[0] if args else None)
-        generation.shape = (x.shape[0], x.shape[1]) if isinstance(x, torch.Tensor) else None
+        generation = call.generation
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = next((kwargs.get(k) for k in _INPUT_KEYS if kwargs.get(k) is not None), args[0] if args else None)
+        if not isinstance(x, torch.Tensor):
+            generation.shape, generation.start = None, 0
+            return None
+        generation.shape = (x.shape[0], x.shape[1])
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        uses_cache = cache is not None and kwargs.get("use_cache") is not False
-        generation.start = cache.get_seq_length() if uses_cache and hasattr(cache, "get_seq_length") else 0
+        if cache is None or kwargs.get("use_cache") is False:
+            generation.start = 0
+            return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and "decoder_input_ids" not in kwargs:
+            generation.start = mask.shape[1] - x.shape[1]
+        else:
+            generation.start = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
         return None
 
     def _edit(self, slot: _Slot, h: torch.Tensor) -> torch.Tensor:

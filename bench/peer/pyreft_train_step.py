@@ -9,6 +9,10 @@ does (`permute(1, 0, 2).tolist()`). Tied f+l positions are pyreft's `share_weigh
 written with pyvene's extension API (the same base classes as pyreft's own interventions), and
 "all positions" is pyvene's `unit_locations=None` (the whole hidden state, no gather).
 
+With `--with-reft` (what `bench/run.py` passes), the same process also times reft's variants
+(`reft:loreft`, ...: `bench/train_step.py`'s, imported from the source tree) on the same models and
+transformers 4.45.1, interleaved with pyreft's: the like-for-like ours/pyreft comparison.
+
     .venv-peer/bin/python bench/peer/pyreft_train_step.py --model tiny --reps 20
 """
 
@@ -24,6 +28,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(1, str(HERE.parent.parent))  # the source tree, for `import reft` with --with-reft
 import workloads as w  # noqa: E402
 from train_step import DEFAULT_REPS, RANKS, SHAPES, VARIANTS, shared_copy  # noqa: E402
 
@@ -80,7 +85,14 @@ def intervention_locations(spec: str, batch: int, seq: int, count: int) -> torch
 
 
 def build(model_name: str, variant: str, base: nn.Module) -> tuple[Callable[[], float], int]:
-    """`(step, resident bytes of trainable state)` for one variant on a shared copy of `base`."""
+    """`(step, resident bytes of trainable state)` for one variant on a shared copy of `base`.
+
+    `reft:<variant>` builds reft's own variant (bench/train_step.py) instead of pyreft's.
+    """
+    if variant.startswith("reft:"):
+        import train_step
+
+        return train_step.build(model_name, variant.removeprefix("reft:"), base)
     model = shared_copy(base)
     batch, seq = SHAPES[model_name]
     data = w.batch(model.config.vocab_size, batch, seq)
@@ -106,11 +118,12 @@ def build(model_name: str, variant: str, base: nn.Module) -> tuple[Callable[[], 
     return w.optimizer_step(loss, params), held + 2 * sum(p.numel() * p.element_size() for p in params)
 
 
-def run(model_name: str, reps: int, variants: list[str] | None = None) -> dict:
+def run(model_name: str, reps: int, variants: list[str] | None = None, with_reft: bool = False) -> dict:
     import transformers
 
     base = w.MODELS[model_name]()
-    names = ["floor", "floor_l0", *(variants or VARIANTS[model_name])]
+    chosen = variants or list(VARIANTS[model_name])
+    names = ["floor", "floor_l0", *chosen, *([f"reft:{v}" for v in chosen] if with_reft else [])]
     steps = {name: build(model_name, name, base)[0] for name in names}
     timings = w.interleaved(steps, reps=reps)
     floor = timings["floor"].median_s
@@ -138,11 +151,12 @@ def main() -> None:
     parser.add_argument("--model", choices=[*VARIANTS, "both"], default="both")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--variants", nargs="*", default=None)
+    parser.add_argument("--with-reft", action="store_true", help="also time reft's variants in this process")
     args = parser.parse_args()
     w.set_threads()
     torch.manual_seed(0)
     for name in VARIANTS if args.model == "both" else [args.model]:
-        w.emit(run(name, args.reps or DEFAULT_REPS[name], args.variants))
+        w.emit(run(name, args.reps or DEFAULT_REPS[name], args.variants, args.with_reft))
 
 
 if __name__ == "__main__":

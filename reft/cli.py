@@ -27,11 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    from .recipes import RecipeError
-
     try:
         return args.run(args)
-    except (RecipeError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # RecipeError too: the library's errors name the bad value
         print(f"reft {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -205,13 +205,17 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
             importlib.import_module(module)
         except ImportError as e:
             raise RecipeError(f"imports: cannot import {module!r}: {e}") from None
+    name = _coerce(raw.get("name", "recipe"), str, "name")
+    train = dict(raw.get("train") or {})
+    if train.get("output_dir") is None:
+        train["output_dir"] = f"runs/{name}"  # where `reft train` writes its log and the adapter
     recipe = Recipe(
-        name=_coerce(raw.get("name", "recipe"), str, "name"),
+        name=name,
         imports=imports,
         model=_section(ModelSection, raw["model"], "model"),
         intervention=_section(InterventionSection, raw["intervention"], "intervention"),
         data=_section(DataSection, raw["data"], "data"),
-        train=_section(TrainConfig, raw.get("train") or {}, "train"),
+        train=_section(TrainConfig, train, "train"),
         source=source,
     )
     _validate(recipe)

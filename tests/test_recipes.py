@@ -209,3 +209,8 @@ def test_recipe_builds_the_same_model_as_the_api():
     assert rm.site_positions() == {"layers.15.block_output": ("l1", True)}
     assert isinstance(rm["layers.15.block_output"], reft.LoReFT)
     assert sum(p.numel() for p in rm.trainable_parameters()) == 2 * 4 * 576 + 4
+
+
+def test_output_dir_defaults_to_runs_name():
+    assert parse_recipe(base_raw()).train.output_dir == "runs/t"
+    assert parse_recipe(base_raw(train={"output_dir": "out/x"})).train.output_dir == "out/x"

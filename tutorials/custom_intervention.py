@@ -62,6 +62,7 @@ def main() -> None:
     # 2. Put one on the first token ([CLS]) of every layer and train it with the classifier head.
     torch.manual_seed(0)
     model, tokenizer = load_minilm_classifier(num_labels=2)
+    model.bert.pooler.dense, model.bert.pooler.activation = nn.Identity(), nn.Identity()  # see sentiment.py
     sites = {f"layers.{i}.block_output": GatedSteer(384) for i in range(model.config.num_hidden_layers)}
     rm = reft.IntervenableModel(model, sites, positions="f1", head="classifier")
     rm.print_trainable_parameters()
@@ -93,6 +94,7 @@ def main() -> None:
     with torch.no_grad():
         before = rm(**inputs).logits
     fresh, _ = load_minilm_classifier(num_labels=2)
+    fresh.bert.pooler.dense, fresh.bert.pooler.activation = nn.Identity(), nn.Identity()
     reloaded = reft.IntervenableModel.from_pretrained(fresh, folder).eval()
     with torch.no_grad():
         after = reloaded(**inputs).logits

@@ -24,6 +24,7 @@ import random
 import tempfile
 
 import torch
+from torch import nn
 import torch.distributed as dist
 
 import reft
@@ -45,10 +46,11 @@ def main() -> None:
     # Every process builds the same model and interventions (same seed) and reads the same data.
     torch.manual_seed(0)
     model, tokenizer = load_minilm_classifier(num_labels=2)
+    model.bert.pooler.dense, model.bert.pooler.activation = nn.Identity(), nn.Identity()  # see sentiment.py
     if args.device == "cuda":
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     sites = {f"layers.{i}.block_output": reft.LoReFT(384, rank=4) for i in range(model.config.num_hidden_layers)}
-    rm = reft.IntervenableModel(model, sites, positions="f1", head=["bert.pooler.dense", "classifier"])
+    rm = reft.IntervenableModel(model, sites, positions="f1", head="classifier")
 
     rows = rotten_tomatoes()
     random.Random(0).shuffle(rows)

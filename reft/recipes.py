@@ -82,7 +82,7 @@ class InterventionSection:
     act: str | None = None  # activation inside the intervention: None (linear) | relu | gelu | silu | tanh
     dtype: str | None = None  # the intervention's parameters; None = float32
     args: dict[str, Any] = field(default_factory=dict)  # further constructor arguments (your own interventions)
-    head: str | None = "auto"  # module path trained with the interventions; auto = the classifier head, if any
+    head: str | list[str] | None = "auto"  # module path(s) trained with the interventions; auto = the classifier head
 
 
 @dataclass
@@ -482,7 +482,7 @@ def load_model(recipe: Recipe):
     return model, tokenizer
 
 
-def head_path(recipe: Recipe, model) -> str | None:
+def head_path(recipe: Recipe, model) -> str | list[str] | None:
     """The module path trained beside the interventions: `intervention.head`, or the classifier head."""
     head = recipe.intervention.head
     if head in (None, "none"):

@@ -124,7 +124,7 @@ def test_unknown_name_lists_registered():
 
 
 def test_register_a_custom_intervention():
-    @reft.register_intervention("test_shift")
+    @reft.register_intervention("test_registry_shift")
     class Shift(reft.Intervention):
         def __init__(self, hidden_size: int, amount: float = 1.0):
             super().__init__(hidden_size=hidden_size, amount=amount)
@@ -133,11 +133,11 @@ def test_register_a_custom_intervention():
         def forward(self, h):
             return h + self.amount
 
-    iv = reft.make_intervention("test_shift", hidden_size=4, amount=2.0)
+    iv = reft.make_intervention("test_registry_shift", hidden_size=4, amount=2.0)
     assert torch.equal(iv(torch.zeros(4)), torch.full((4,), 2.0))
-    assert "test_shift" in reft.registered_interventions()
+    assert "test_registry_shift" in reft.registered_interventions()
     with pytest.raises(ValueError, match="already registered"):
-        reft.register_intervention("test_shift")(type("Other", (reft.Intervention,), {}))
+        reft.register_intervention("test_registry_shift")(type("Other", (reft.Intervention,), {}))
     with pytest.raises(TypeError, match="subclass of reft.Intervention"):
         reft.register_intervention("not_a_module")(object)
 

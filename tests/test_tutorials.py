@@ -53,7 +53,7 @@ def test_generation():
     assert "batch: 4 prompts" in out
     for section in ("greedy (", "sampled, 2 per prompt:", "beam search (3 beams):", "mode every_token"):
         assert section in out
-    assert "prompt 2 alone == prompt 2 in the batch:" in out
+    assert "prompt 2 alone == prompt 2 in the batch:" in out  # random tiny model: no claim on the value
 
 
 def test_distributed_under_torchrun():

@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, tuple[str, int | str, str]]] = {
 }
 SHAPES = {"tiny": (4, 32), "smollm2": (4, 64)}  # batch, tokens
 RANKS = {"tiny": 4, "smollm2": 8}
-DEFAULT_REPS = {"tiny": 40, "smollm2": 7}
+DEFAULT_REPS = {"tiny": 40, "smollm2": 11}
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ import workloads as w  # noqa: E402
 
 PROMPT, NEW, BATCH = 64, 64, 4
 SETUP = {"tiny": (8, "f7+l7"), "smollm2": (8, "f7+l7")}  # rank, positions: as bench/generate.py
-DEFAULT_REPS = {"tiny": 20, "smollm2": 5}  # as bench/generate.py
+DEFAULT_REPS = {"tiny": 30, "smollm2": 5}
 
 
 def reft_like(rm, base, layers: list[int], rank: int, positions: str):

@@ -181,9 +181,9 @@ class IntervenableModel(nn.Module):
         explicit = call.positions if call is not None else None
         if slot.spec.all and explicit is None:
             return slot.interventions[0](h).to(h.dtype)
-        flat = h.dim() == 2  # some models (OPT) flatten [B, T, d] to [B * T, d] around their FFN
+        flat = h.dim() == 2
         if flat:
-            h = h.view(*self._batch_shape(slot, h), h.shape[-1])
+            h = _unflatten(slot, h, self._batch_shape())
         if explicit is not None:
             if not slot.tied:
                 raise ValueError(f"site {slot.site.name!r} is untied: explicit positions= need tied=True")
@@ -208,12 +208,9 @@ class IntervenableModel(nn.Module):
             _check_size(slot, h)
             return slot.interventions[-1](h).to(h.dtype)
         _check_size(slot, h)
-        flat = h.dim() == 2  # OPT flattens [B, T, d] to [B * T, d] around its FFN
+        flat = h.dim() == 2
         if flat:
-            shape = generation.shape
-            if shape is None or shape[0] * shape[1] != h.shape[0]:
-                raise ValueError(f"site {slot.site.name!r}: cannot tell [batch, seq] of flattened hidden states {tuple(h.shape)}")
-            h = h.view(*shape, h.shape[-1])
+            h = _unflatten(slot, h, generation.shape)
         split = min(generation.prompt_length - generation.start, h.shape[1])  # prompt columns in this pass
         prompt, new = h[:, :split], h[:, split:]
         if slot.spec.all:
@@ -235,8 +232,7 @@ class IntervenableModel(nn.Module):
         if key in cache:
             return cache[key]
         mask = self._call.masks[slot.site.stack].to(prompt.device)  # [B0, P] prompt mask
-        prefix, suffix = resolve(slot.spec, mask)
-        index = [torch.cat([prefix, suffix], dim=1)] if slot.tied else [prefix, suffix]
+        index = _slot_indices(slot, mask)
         if B != mask.shape[0]:  # beams or returned sequences, expanded with repeat_interleave by `generate`
             if B % mask.shape[0]:
                 raise ValueError(f"site {slot.site.name!r}: batch {B} is not a multiple of the prompt batch {mask.shape[0]}")
@@ -246,16 +242,13 @@ class IntervenableModel(nn.Module):
         cache[key] = index
         return index
 
-    def _batch_shape(self, slot: _Slot, h: torch.Tensor) -> tuple[int, int]:
+    def _batch_shape(self) -> tuple[int, int] | None:
+        """`[batch, seq]` of the call in progress: its main mask's shape, else its inputs'."""
         call = self._call
-        mask = call.masks.get(slot.site.stack) if call is not None else None
-        shape = tuple(mask.shape) if mask is not None else (call.shape if call is not None else None)
-        if shape is None or shape[0] * shape[1] != h.shape[0]:
-            raise ValueError(
-                f"site {slot.site.name!r} sees flattened hidden states {tuple(h.shape)}: call the model "
-                "through the IntervenableModel with an attention_mask so that [batch, seq] is known"
-            )
-        return shape
+        if call is None:
+            return None
+        mask = call.masks.get("")
+        return tuple(mask.shape) if mask is not None else call.shape
 
     def _indices(self, slot: _Slot, h: torch.Tensor) -> list[torch.Tensor]:
         B, T = h.shape[:2]
@@ -271,8 +264,7 @@ class IntervenableModel(nn.Module):
                 f"site {slot.site.name!r}: the mask has shape {tuple(mask.shape)} but the hidden states "
                 f"are [batch, seq] = ({B}, {T})"
             )
-        prefix, suffix = resolve(slot.spec, mask.to(h.device))
-        index = [torch.cat([prefix, suffix], dim=1)] if slot.tied else [prefix, suffix]
+        index = _slot_indices(slot, mask.to(h.device))
         if call is not None:
             call.cache[key] = index
         return index
@@ -307,10 +299,13 @@ class IntervenableModel(nn.Module):
         With `generation`, the calls are the forward passes of one `generate` call on this prompt.
         """
         kwargs = kwargs or {}
-        main = prompt_mask if prompt_mask is not None else kwargs.get("attention_mask")
-        masks = {"": main, "encoder": main, "decoder": kwargs.get("decoder_attention_mask")}
         device = next(self.model.parameters()).device
-        masks = {k: (m.to(device).bool() if m is not None else None) for k, m in masks.items()}
+
+        def as_mask(m: torch.Tensor | None) -> torch.Tensor | None:
+            return m.to(device).bool() if m is not None else None
+
+        main = as_mask(prompt_mask if prompt_mask is not None else kwargs.get("attention_mask"))
+        masks = {"": main, "encoder": main, "decoder": as_mask(kwargs.get("decoder_attention_mask"))}
         shape = _input_shape(args, kwargs)
         if positions is not None:
             positions = _check_positions(positions, shape).to(device)
@@ -420,6 +415,22 @@ def _apply_at(intervention: nn.Module, h: torch.Tensor, index: torch.Tensor) -> 
     selected = h.gather(1, where)
     delta = torch.where(valid, intervention(selected).to(h.dtype) - selected, 0)
     return h.scatter_add(1, where, delta)
+
+
+def _slot_indices(slot: _Slot, mask: torch.Tensor) -> list[torch.Tensor]:
+    """One index tensor per intervention of `slot`: prefix and suffix together when tied."""
+    prefix, suffix = resolve(slot.spec, mask)
+    return [torch.cat([prefix, suffix], dim=1)] if slot.tied else [prefix, suffix]
+
+
+def _unflatten(slot: _Slot, h: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+    """View `[B * T, d]` hidden states as `[B, T, d]`: some models (OPT) flatten them around their FFN."""
+    if shape is None or shape[0] * shape[1] != h.shape[0]:
+        raise ValueError(
+            f"site {slot.site.name!r} sees flattened hidden states {tuple(h.shape)}: call the model "
+            "through the IntervenableModel with an attention_mask so that [batch, seq] is known"
+        )
+    return h.view(*shape, h.shape[-1])
 
 
 def _key(site: str) -> str:

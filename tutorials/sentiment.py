@@ -10,10 +10,11 @@ same head, plus:
 - LoReFT / DiReFT: a rank-4 intervention (dropout 0.1) on every layer's output at every token;
 - LoRA (rank 8 on the attention's query and value), when `peft` is installed (`pip install peft`).
 
-All train 2 epochs at lr 5e-3 (batch 16, 6% warm-up, linear decay). It prints a table of trainable parameters, held-out accuracy and training time (and saves a bar chart
-as sentiment.png when matplotlib is installed).
+All train 3 epochs at lr 5e-3 (batch 16, 6% warm-up, linear decay). The script prints a table of
+trainable parameters, held-out accuracy and training time (and saves a bar chart as sentiment.png
+when matplotlib is installed).
 
-    python tutorials/sentiment.py           # 5 methods x 2 epochs: about 20-40 minutes on 2 CPU cores
+    python tutorials/sentiment.py           # 4 methods (5 with peft) x 3 epochs: see docs/tutorials.md for times
     python tutorials/sentiment.py --tiny    # 64 examples, 2 steps per method: checks the code path (CI)
     python tutorials/sentiment.py --methods "head only,LoReFT" --epochs 1   # a quicker comparison
 """
@@ -146,7 +147,7 @@ def plot(results: list[dict], path: str = "sentiment.png") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="64 train and 64 test examples, 2 steps (CI)")
-    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--epochs", type=float, default=3)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rank", type=int, default=4, help="rank of LoReFT and DiReFT")

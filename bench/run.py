@@ -16,7 +16,7 @@ the process's CPU time is the work done). The comparisons and targets use CPU ti
 shared with other work, wall-clock time also counts the time spent waiting for a core, which swamps
 differences of a few percent; the wall-clock figures are printed beside them.
 
-    python bench/run.py            # everything (about 30 minutes on 2 CPU cores)
+    python bench/run.py            # everything (20-25 minutes on 2 shared CPU cores)
     python bench/run.py --quick    # a smoke run with few repetitions (figures not meaningful)
 """
 

@@ -406,15 +406,19 @@ def _check_size(slot: _Slot, h: torch.Tensor) -> None:
 
 
 def _apply_at(intervention: nn.Module, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Edit `h` `[B, T, d]` at `index` `[B, P]` (-1 = no position): gather, intervene, scatter back.
+    """Edit `h` `[B, T, d]` at `index` `[B, P]` (-1 = no position): gather, intervene, add back.
 
-    Slots with -1 add a zero delta at position 0, so they never disturb a real edit there.
+    Rows are picked with `index_select` on `h` viewed as `[B * T, d]`, whose backward keeps only the
+    row index (`gather` would keep all of `h` alive until the backward pass, at every site). Slots
+    with -1 add a zero delta at position 0, so they never disturb a real edit there.
     """
+    B, T, d = h.shape
     valid = (index >= 0).unsqueeze(-1)  # [B, P, 1]
-    where = index.clamp(min=0).unsqueeze(-1).expand(*index.shape, h.shape[-1])  # [B, P, d]
-    selected = h.gather(1, where)
+    rows = (index.clamp(min=0) + T * torch.arange(B, device=h.device).unsqueeze(1)).flatten()  # [B * P]
+    flat = h.reshape(B * T, d)
+    selected = flat.index_select(0, rows).view(*index.shape, d)  # [B, P, d]
     delta = torch.where(valid, intervention(selected).to(h.dtype) - selected, 0)
-    return h.scatter_add(1, where, delta)
+    return flat.index_add(0, rows, delta.reshape(-1, d)).view(B, T, d)
 
 
 def _slot_indices(slot: _Slot, mask: torch.Tensor) -> list[torch.Tensor]:

@@ -133,12 +133,7 @@ def build_generation_data(
         if not response_ids:
             raise ValueError(f"example {i}: response {response!r} tokenizes to no tokens; every response needs at least one")
         ids = prompt_ids + response_ids + ([eos] if add_eos else [])
-        if limit is not None and len(ids) > limit:
-            if on_too_long == "error":
-                raise ValueError(
-                    f"example {i} has {len(ids)} tokens, longer than max_length {limit}; shorten it, raise "
-                    "max_length (up to the model's context), or pass on_too_long='skip'"
-                )
+        if _too_long(i, len(ids), limit, on_too_long):
             skipped += 1
             continue
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -149,6 +144,18 @@ def build_generation_data(
             example["positions"] = _check_example_positions(i, positions, len(ids))
         examples.append(example)
     return _finish(examples, "generation", tokenizer, limit, skipped)
+
+
+def _too_long(i: int, length: int, limit: int | None, on_too_long: str) -> bool:
+    """Whether example `i` must be skipped for exceeding `limit`; raises when `on_too_long` is "error"."""
+    if limit is None or length <= limit:
+        return False
+    if on_too_long == "error":
+        raise ValueError(
+            f"example {i} has {length} tokens, longer than max_length {limit}; shorten it, raise "
+            "max_length (up to the model's context), or pass on_too_long='skip'"
+        )
+    return True
 
 
 # --------------------------------------------------------------------------- classification
@@ -202,12 +209,7 @@ def build_classification_data(
         ids = tokenizer(text)["input_ids"]
         if not ids:
             raise ValueError(f"example {i}: text {text!r} tokenizes to no tokens")
-        if limit is not None and len(ids) > limit:
-            if on_too_long == "error":
-                raise ValueError(
-                    f"example {i} has {len(ids)} tokens, longer than max_length {limit}; shorten it, raise "
-                    "max_length (up to the model's context), or pass on_too_long='skip'"
-                )
+        if _too_long(i, len(ids), limit, on_too_long):
             skipped += 1
             continue
         examples.append({

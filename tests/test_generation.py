@@ -16,12 +16,8 @@ PROMPTS = [7, 3, 5]  # a left-padded batch of three prompts of different lengths
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread(one_thread):
     """Tiny models run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def wrapped(arch="llama", spec="l1", site="block_output", seed=1):

@@ -25,12 +25,8 @@ WORKER = ROOT / "tests" / "train_worker.py"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models run fastest on one thread, above all on a shared machine."""
 
 
 def trainable(rm) -> dict[str, torch.Tensor]:

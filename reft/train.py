@@ -62,6 +62,7 @@ class TrainConfig:
     save_every: int | None = None  # steps between checkpoints in output_dir (and one at the end); None: none
     output_dir: str | None = None  # log.jsonl and checkpoint-{step}/ go here; None: write nothing
     base_dropout: bool = False  # run the frozen base model in train mode while training (its own dropout on)
+    group_by_length: bool = False  # batch examples of similar length (less padding, faster); order stays seeded
 
     def __post_init__(self):
         def bad(name: str, valid: str) -> ValueError:
@@ -154,6 +155,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=True) if fp16 else None
         self.history: list[dict] = []
         self._fitted = False
+        self._lengths: list[int] | None = None  # example lengths, for group_by_length
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -261,7 +263,18 @@ class Trainer:
         sampler.set_epoch(epoch)
         order = list(sampler)
         b = self.config.batch_size
-        return [order[i : i + b] for i in range(0, len(order), b)]
+        if not self.config.group_by_length:
+            return [order[i : i + b] for i in range(0, len(order), b)]
+        # As transformers' LengthGroupedSampler: sort each window of 50 micro-batches (of the shuffled
+        # order) longest first, cut it into micro-batches, then shuffle the micro-batches.
+        if self._lengths is None:
+            self._lengths = [len(self.train_data[i]["input_ids"]) for i in range(len(self.train_data))]
+        batches = []
+        for start in range(0, len(order), 50 * b):
+            window = sorted(order[start : start + 50 * b], key=lambda i: -self._lengths[i])
+            batches += [window[i : i + b] for i in range(0, len(window), b)]
+        shuffle = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        return [batches[i] for i in shuffle.tolist()]
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()

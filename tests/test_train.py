@@ -114,6 +114,28 @@ def test_gradient_accumulation_equals_the_big_batch():
     assert abs(mean_of_means - ce.sum() / counts.sum()) > 1e-3
 
 
+def test_group_by_length_covers_every_example_once_per_epoch_with_less_padding():
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(400))
+    lengths = [len(x["input_ids"]) for x in data]
+
+    def padded_tokens(batches):
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    plain = Trainer(rm, TrainConfig(batch_size=4), data)
+    grouped = Trainer(rm, TrainConfig(batch_size=4, group_by_length=True), data)
+    for epoch in range(2):
+        batches = grouped._epoch_batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(len(data)))
+        assert [len(b) for b in batches] == [4] * 100
+        assert padded_tokens(batches) < 0.9 * padded_tokens(plain._epoch_batches(epoch))
+        assert batches == Trainer(rm, TrainConfig(batch_size=4, group_by_length=True), data)._epoch_batches(epoch)
+    assert grouped._epoch_batches(0) != grouped._epoch_batches(1)  # a new order every epoch
+    before = trainable(rm)
+    Trainer(rm, TrainConfig(batch_size=4, group_by_length=True, max_steps=3), data).fit()
+    assert any(not torch.equal(before[k], v) for k, v in trainable(rm).items())
+
+
 def test_torchrun_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import numbers
@@ -572,7 +573,8 @@ def _atomic_folder(path: PathLike) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise ValueError(f"{target}: exists and is not a folder; give a folder path to save into")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_dead_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         _fsync(tmp)
@@ -581,6 +583,28 @@ def _atomic_folder(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(target.parent)
+
+
+def _remove_dead_temporaries(target: Path) -> None:
+    """Delete `.{name}.tmp-{pid}-*` folders beside `target` whose process is gone (a save killed
+    before its rename). Those of live processes, and `.old-*` folders (which may hold the only copy
+    of a previous version), are left alone."""
+    if os.name != "posix":
+        return
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
+        pid = folder.name[len(target.name) + 6 :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, as another user's
+        return True
+    return True
 
 
 def _replace_folder(tmp: Path, target: Path) -> None:

@@ -417,9 +417,12 @@ _lm_adapter(seed=2).save_pretrained({str(target)!r})
     assert _files(target) == before
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
     assert torch.equal(_logits(loaded, _batch()), _logits(first, _batch()))
-    # the stale temporary folder does not stop the next save
+    # the stale temporary folder does not stop the next save, which removes it (its process is dead)
+    live = tmp_path / f".a.tmp-{os.getpid()}-live"  # a save in progress in a live process is left alone
+    live.mkdir()
     third = _lm_adapter(seed=3)
     third.save_pretrained(target)
+    assert not leftover.exists() and live.is_dir()
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
     assert torch.equal(_logits(loaded, _batch()), _logits(third, _batch()))
 

@@ -41,11 +41,12 @@ def test_sentiment():
         assert f"| {method:<9} |" in out
 
 
-def test_custom_intervention():
-    out = run(str(TUTORIALS / "custom_intervention.py"), "--tiny")
+def test_custom_intervention(tmp_path):
+    out = run(str(TUTORIALS / "custom_intervention.py"), "--tiny", "--output", str(tmp_path / "adapter"))
     assert "gated_steer" in out.split("registered:")[1].splitlines()[0]
     assert '"name": "gated_steer"' in out
     assert "same logits: True" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_generation():
@@ -56,8 +57,9 @@ def test_generation():
     assert "prompt 2 alone == prompt 2 in the batch:" in out  # random tiny model: no claim on the value
 
 
-def test_distributed_under_torchrun():
-    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TUTORIALS / "distributed.py"), "--tiny")
+def test_distributed_under_torchrun(tmp_path):
+    out = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(TUTORIALS / "distributed.py"), "--tiny",
+              "--output", str(tmp_path / "adapter"))
     assert "rank 0 of 2" in out and "rank 1 of 2" in out
     assert "world size 2: held-out accuracy" in out
 

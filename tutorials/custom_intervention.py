@@ -50,6 +50,7 @@ class GatedSteer(reft.Intervention):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="64 examples, 2 steps (CI)")
+    parser.add_argument("--output", default=None, help="where to save the adapter (default: a temporary folder)")
     args = parser.parse_args()
 
     # 1. It is registered: build it by name, as a recipe or an adapter does. The identity at init.
@@ -82,7 +83,7 @@ def main() -> None:
     print(f"held-out accuracy: {100 * trainer.evaluate(test_data)['eval_accuracy']:.1f}% on {len(test)} snippets")
 
     # 3. Save: the adapter names the intervention "gated_steer" and records its arguments.
-    folder = Path(tempfile.mkdtemp(prefix="reft-custom-"))
+    folder = Path(args.output or tempfile.mkdtemp(prefix="reft-custom-"))
     rm.save_pretrained(folder)
     config_json = json.loads((folder / "adapter_config.json").read_text())
     print("saved:", json.dumps(config_json["sites"][0]["interventions"]))

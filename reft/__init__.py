@@ -17,7 +17,7 @@ from .checkpoint import latest_checkpoint, load_training_checkpoint, save_traini
 from .model import IntervenableModel
 from .positions import PositionSpec
 from .train import TrainConfig, Trainer
-from . import data
+from . import data, evaluate
 
 __version__ = "0.1.0"
 
@@ -41,4 +41,5 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "data",
+    "evaluate",
 ]

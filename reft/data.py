@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,27 +106,16 @@ def build_generation_data(
         prompt), `prompt_length` and, when given, `positions`.
     """
     _check_choice("on_too_long", on_too_long, _TOO_LONG)
-    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
-    if use_chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True, but the tokenizer has no chat template; pass chat_template=False")
-    if system_prompt is not None and not use_chat:
-        raise ValueError("system_prompt needs a chat template; the tokenizer has none (or chat_template=False)")
+    encode_prompt = _prompt_encoder(tokenizer, chat_template, system_prompt)
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
     limit = _max_length(tokenizer, max_length)
-    bos = [] if use_chat else _leading_special_tokens(tokenizer)
 
     examples, skipped = [], 0
     for i, row in enumerate(_rows(pairs_or_dataset, prompt_key, response_key, positions_key)):
         prompt, response, positions = row
-        if use_chat:
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
-            messages.append({"role": "user", "content": prompt})
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompt(prompt)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
             raise ValueError(f"example {i}: prompt {prompt!r} tokenizes to no tokens; every prompt needs at least one")
@@ -144,6 +133,31 @@ def build_generation_data(
             example["positions"] = _check_example_positions(i, positions, len(ids))
         examples.append(example)
     return _finish(examples, "generation", tokenizer, limit, skipped)
+
+
+def _prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: str | None) -> Callable[[str], list[int]]:
+    """`prompt -> token ids` as training sees prompts (and `reft.evaluate` generates from them).
+
+    With a chat template (`chat_template=None`: when the tokenizer has one) the prompt is a user turn,
+    after `system_prompt` if given, followed by the generation prompt; otherwise it is the raw text
+    after the tokenizer's leading special tokens (e.g. BOS).
+    """
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True, but the tokenizer has no chat template; pass chat_template=False")
+    if system_prompt is not None and not use_chat:
+        raise ValueError("system_prompt needs a chat template; the tokenizer has none (or chat_template=False)")
+    if not use_chat:
+        bos = _leading_special_tokens(tokenizer)
+        return lambda prompt: bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+
+    def encode(prompt: str) -> list[int]:
+        messages = [*system, {"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return encode
 
 
 def _too_long(i: int, length: int, limit: int | None, on_too_long: str) -> bool:

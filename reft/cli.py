@@ -2,6 +2,7 @@
 
     reft train configs/smollm2_pirate.yaml [--set train.lr=1e-3 ...] [--dry-run]
     reft eval runs/smollm2-pirate/adapter
+    reft eval runs/commonsense-loreft/adapter --generate --predictions predictions.jsonl
     reft generate runs/smollm2-pirate/adapter --prompt "What is the capital of Spain?" --compare
     reft info runs/smollm2-pirate/adapter
 
@@ -56,11 +57,34 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval",
         help="evaluate an adapter on its recipe's eval data",
-        description="Evaluate a trained adapter on the eval data of the recipe it was trained with (or of --config).",
+        description=(
+            "Evaluate a trained adapter on the eval data of the recipe it was trained with (or of --config): "
+            "loss and accuracy with teacher forcing, or with --generate the accuracy of greedily generated answers."
+        ),
+        epilog="example: reft eval runs/math-loreft/adapter --generate --max-new-tokens 512 --predictions math.jsonl",
     )
     evaluate.add_argument("adapter", metavar="ADAPTER", help="an adapter folder written by `reft train`")
     evaluate.add_argument("--config", metavar="CONFIG.yaml", help="take model and data from this recipe instead")
     _add_set(evaluate)
+    evaluate.add_argument(
+        "--generate",
+        action="store_true",
+        help="answer each eval prompt greedily and score the answer (the papers' commonsense and math metric); "
+        "needs data.answer, and reads data.answer_pattern and data.answer_match",
+    )
+    evaluate.add_argument("--max-new-tokens", type=int, metavar="N", help="with --generate: the longest answer generated (default 32)")
+    evaluate.add_argument("--batch-size", type=int, metavar="N", help="with --generate: prompts generated together (default 8)")
+    evaluate.add_argument(
+        "--predictions",
+        metavar="FILE.jsonl",
+        help="with --generate: write one JSON line per example (prompt, generation, extracted, answer, correct)",
+    )
+    evaluate.add_argument(
+        "--mode",
+        choices=["prompt", "every_token"],
+        help="with --generate: which tokens the interventions edit; default every_token when a site edits 'all' "
+        "positions (trained on the response too, e.g. RED), else prompt",
+    )
     evaluate.set_defaults(run=_eval)
 
     generate = sub.add_parser(
@@ -150,19 +174,46 @@ def _print_summary(summary: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------- eval
 def _eval(args: argparse.Namespace) -> int:
     from .model import IntervenableModel
-    from .recipes import build_data, load_model, load_recipe
+    from .recipes import NO_EVAL_DATA, build_data, load_model, load_recipe
     from .train import Trainer
 
     recipe = load_recipe(args.config or _recipe_file(args.adapter), args.overrides)
+    if args.generate:
+        return _eval_generate(args, recipe)
+    for flag in ("max_new_tokens", "batch_size", "predictions", "mode"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --generate")
     model, tokenizer = load_model(recipe)
     rm = IntervenableModel.from_pretrained(model, args.adapter)
     _, eval_data = build_data(recipe, tokenizer)
     if eval_data is None:
-        raise FileNotFoundError(
-            "the recipe has no eval data: set data.eval, data.eval_split or data.eval_fraction (e.g. --set data.eval=FILE)"
-        )
+        raise FileNotFoundError(NO_EVAL_DATA)
     trainer = Trainer(rm, recipe.train, eval_data, eval_data=eval_data, collator=_collator(tokenizer))
     print(json.dumps(_round(trainer.evaluate())))
+    return 0
+
+
+def _eval_generate(args: argparse.Namespace, recipe) -> int:
+    """Answer accuracy on the recipe's eval data (`reft.evaluate.answer_accuracy`), printed as JSON."""
+    from .evaluate import answer_accuracy
+    from .model import IntervenableModel
+    from .recipes import answer_data, load_model
+
+    prompts, answers = answer_data(recipe)  # before loading the model: a recipe without answers fails fast
+    model, tokenizer = load_model(recipe)
+    rm = IntervenableModel.from_pretrained(model, args.adapter)
+    mode = args.mode or ("every_token" if any(spec == "all" for spec, _ in rm.site_positions().values()) else "prompt")
+    given = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
+    result = answer_accuracy(
+        rm, tokenizer, prompts, answers, pattern=recipe.data.answer_pattern, match=recipe.data.answer_match, mode=mode,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    predictions = result.pop("predictions")
+    if args.predictions:
+        path = Path(args.predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_text(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    print(json.dumps(_round({**result, "mode": mode})))
     return 0
 
 

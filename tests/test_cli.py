@@ -28,6 +28,8 @@ def test_help(command, capsys):
     assert out.startswith("usage: reft")
     if command == ["train"]:
         assert "--dry-run" in out and "--set KEY=VALUE" in out
+    if command == ["eval"]:
+        assert all(flag in out for flag in ("--generate", "--max-new-tokens N", "--batch-size N", "--predictions FILE.jsonl"))
 
 
 def test_no_command_prints_help(capsys):
@@ -133,3 +135,49 @@ def test_classification_recipe_trains_and_evaluates(tmp_path, capsys):
 def test_info_on_a_folder_without_adapter(tmp_path, capsys):
     assert main(["info", str(tmp_path)]) == 2
     assert "no adapter_config.json; not an adapter folder" in capsys.readouterr().err
+
+
+def test_eval_generate_scores_answers_and_writes_predictions(tiny_lm, tmp_path, capsys):
+    """`reft eval --generate` on a saved (untrained) adapter: the JSON metrics, the predictions file,
+    and an accuracy that counts exactly the examples whose gold answer is what the model generates."""
+    from reft.recipes import build_intervenable, load_model, parse_recipe
+
+    questions = ["Who wrote Hamlet?", "Name a fruit.", "Why is the sky blue?", "What is 2 + 2?", "Hi"]
+    data = tmp_path / "qa.jsonl"
+
+    def write(answers):
+        data.write_text("".join(json.dumps({"question": q, "gold": a}) + "\n" for q, a in zip(questions, answers)))
+
+    write(["none"] * 5)
+    recipe = {
+        "name": "tiny-qa",
+        "model": {"path": str(tiny_lm), "task": "causal_lm", "device": "cpu"},
+        "intervention": {"type": "loreft", "rank": 2, "layers": [1], "positions": "f1+l1"},
+        "data": {"train": str(data), "eval": str(data), "prompt": "Q: {question}", "response": "{gold}"},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
+    config = tmp_path / "qa.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    model, _ = load_model(parse_recipe(recipe))
+    torch.manual_seed(0)
+    build_intervenable(parse_recipe(recipe), model).save_pretrained(tmp_path / "adapter")
+
+    run = ["eval", str(tmp_path / "adapter"), "--config", str(config), "--generate", "--max-new-tokens", "4", "--batch-size", "2"]
+    assert main(run) == 2
+    assert "data.answer: the recipe has no gold answers: set data.answer, e.g. --set data.answer={answer}" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "adapter"), "--config", str(config), "--batch-size", "2"]) == 2
+    assert "--batch-size goes with --generate" in capsys.readouterr().err
+
+    predictions = tmp_path / "out" / "predictions.jsonl"
+    assert main([*run, "--set", "data.answer={gold}", "--predictions", str(predictions)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics == {"answer_accuracy": 0.0, "n": 5, "mode": "prompt"}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f"Q: {q}" for q in questions]
+    assert all(set(r) == {"prompt", "generation", "extracted", "answer", "correct"} for r in rows)
+    assert not list(predictions.parent.glob(".*"))  # written through a temporary file, renamed
+
+    write([rows[0]["generation"], rows[1]["generation"].upper(), "none", "none", "none"])  # two now right
+    assert main([*run, "--set", "data.answer={gold}", "--predictions", str(predictions)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answer_accuracy"] == 0.4
+    assert [json.loads(line)["correct"] for line in predictions.read_text().splitlines()] == [True, True, False, False, False]

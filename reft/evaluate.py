@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import _prompt_encoder
 from .generation import MODES
@@ -51,7 +52,7 @@ def answer_accuracy(
     Args:
         rm: the wrapped model. Under `rm.disabled()` this measures the base model.
         tokenizer: the tokenizer the data was built with.
-        prompts, answers: the prompts (before formatting) and their gold answers, one each.
+        prompts, answers: the prompts (before formatting) and their gold answers (str, or numbers), one each.
         pattern: a regular expression that finds the answer in the generated text (its first group
             if it has one, else the whole match); None: the whole stripped continuation.
         match: `"first"` or `"last"` occurrence of `pattern`.
@@ -72,6 +73,11 @@ def answer_accuracy(
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; give one answer per prompt")
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt and its answer")
+    for name, values, kinds in (("prompt", prompts, (str,)), ("answer", answers, (str, int, float))):
+        bad = next((i for i, v in enumerate(values) if not isinstance(v, kinds) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise ValueError(f"{name} {bad} must be a str{'' if name == 'prompt' else ' or a number'}, got {values[bad]!r:.80}")
+    answers = [str(a) for a in answers]
     regex = compile_pattern(pattern)
     _check_match(match)
     if mode not in MODES:
@@ -84,8 +90,6 @@ def answer_accuracy(
         raise ValueError("the tokenizer has neither pad_token nor eos_token to pad prompts with; set tokenizer.pad_token")
     encode = _prompt_encoder(tokenizer, chat_template, system_prompt)
     device = next(rm.model.parameters()).device
-
-    from tqdm.auto import tqdm
 
     encoded = [encode(p) for p in prompts]
     empty = next((i for i, ids in enumerate(encoded) if not ids), None)

@@ -138,6 +138,8 @@ def test_a_trained_adapter_answers_and_the_base_model_does_not():
     [
         ({"answers": ["w1"]}, "2 prompts but 1 answers"),
         ({"prompts": [], "answers": []}, "prompts is empty"),
+        ({"prompts": ["w1", 7]}, "prompt 1 must be a str, got 7"),
+        ({"answers": ["w1", None]}, "answer 1 must be a str or a number, got None"),
         ({"match": "middle"}, "match must be one of 'first', 'last'; got 'middle'"),
         ({"pattern": "answer(1|2"}, "pattern 'answer(1|2' is not a valid regular expression"),
         ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1, got 0"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,11 +35,14 @@ def test_quickstart(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_sentiment():
-    out = run(str(TUTORIALS / "sentiment.py"), "--tiny")
+def test_sentiment(tmp_path):
+    methods = "head only,RED,LoReFT,DiReFT,LoRA,full"  # LoRA is skipped where peft is missing
+    out = run(str(TUTORIALS / "sentiment.py"), "--tiny", "--methods", methods, "--plot", str(tmp_path / "sentiment.png"))
     assert "| method" in out
-    for method in ("head only", "RED", "LoReFT", "DiReFT"):
+    for method in ("head only", "RED", "LoReFT", "DiReFT", "full"):
         assert f"| {method:<9} |" in out
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "sentiment.png").is_file() == has_matplotlib
 
 
 def test_custom_intervention(tmp_path):

@@ -221,6 +221,8 @@ def _eval_generate(args: argparse.Namespace, recipe) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .data import _prompt_encoder
+    from .evaluate import _left_pad
     from .model import IntervenableModel
     from .recipes import ModelSection, Recipe, load_model, load_recipe
 
@@ -231,12 +233,13 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(recipe)
     rm = IntervenableModel.from_pretrained(model, args.adapter)
     rm.eval()
-    tokenizer.padding_side = "left"  # generation appends to the right end of every prompt
-    texts = [p if args.no_chat_template or not tokenizer.chat_template else _chat(tokenizer, p) for p in args.prompt]
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=args.no_chat_template or not tokenizer.chat_template)
-    inputs = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
+    encode = _prompt_encoder(tokenizer, chat_template=False if args.no_chat_template else None, system_prompt=None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = _left_pad([encode(p) for p in args.prompt], pad)  # prompts as training saw them
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad, **sampling)
     with torch.no_grad():
         out = rm.generate(**inputs, mode=args.mode, **kwargs)
         if args.compare:
@@ -249,10 +252,6 @@ def _generate(args: argparse.Namespace) -> int:
             print(f"  base:        {_decode(tokenizer, base[i, n:])}")
         print(f"  {'intervened: ' if args.compare else ''}{_decode(tokenizer, out[i, n:])}")
     return 0
-
-
-def _chat(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
 
 
 def _decode(tokenizer, ids) -> str:

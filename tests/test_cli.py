@@ -181,3 +181,9 @@ def test_eval_generate_scores_answers_and_writes_predictions(tiny_lm, tmp_path, 
     assert main([*run, "--set", "data.answer={gold}", "--predictions", str(predictions)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["answer_accuracy"] == 0.4
     assert [json.loads(line)["correct"] for line in predictions.read_text().splitlines()] == [True, True, False, False, False]
+
+    # `reft generate` formats prompts as training and `eval --generate` do: the same answers
+    generate = ["generate", str(tmp_path / "adapter"), "--model", str(tiny_lm), "--max-new-tokens", "4"]
+    assert main([*generate, *(arg for r in rows[:3] for arg in ("--prompt", r["prompt"]))]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines() if not line.startswith("prompt:")]
+    assert printed == [r["generation"].strip().replace("\n", " ") for r in rows[:3]]

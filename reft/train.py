@@ -19,6 +19,7 @@ does); `evaluate()` puts everything in eval mode and restores the previous modes
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -357,8 +358,15 @@ class Trainer:
     def _save(self, step: int, epoch: int, batches_done: int) -> None:
         from .checkpoint import save_training_checkpoint
 
+        # Every process's own RNG states (dropout at every token draws a batch-dependent amount, so
+        # the processes' streams part ways); the checkpoint's own RNG record is rank 0's.
+        process_rng = None
+        if self.world > 1:
+            process_rng = [None] * self.world
+            dist.all_gather_object(process_rng, _process_rng())
         if self.rank == 0:
             state = {
+                "process_rng": process_rng,
                 "step": step,
                 "epoch": epoch,
                 "batches_done": batches_done,
@@ -400,6 +408,8 @@ class Trainer:
             raise ValueError(f"{path}: saved with {state.get('world_size')} processes, this run has {self.world}")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("process_rng"):
+            _set_process_rng(state["process_rng"][self.rank])
         return state
 
     # ----------------------------------------------------------------- modes
@@ -574,6 +584,22 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def _process_rng() -> dict[str, str]:
+    """This process's torch RNG states (CPU, and its current CUDA device's) as base64 text, for JSON."""
+    encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    rng = {"cpu": encode(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = encode(torch.cuda.get_rng_state())
+    return rng
+
+
+def _set_process_rng(rng: dict[str, str]) -> None:
+    decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
+    torch.set_rng_state(decode(rng["cpu"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(decode(rng["cuda"]))
 
 
 def _progress(total: int, initial: int, disable: bool):

@@ -38,13 +38,13 @@ def pairs(n: int = 40, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def build(dropout: float = 0.0):
+def build(dropout: float = 0.0, positions: str = "f1+l1"):
     tok = tiny_text.tokenizer()
     model = tiny.causal_lm(initializer_range=0.2)
     torch.manual_seed(1)
     iv = {"layers.1.block_output": reft.LoReFT(tiny.HIDDEN, 4, dropout=dropout),
           "layers.0.mlp_output": reft.RED(tiny.HIDDEN)}
-    rm = reft.IntervenableModel(model, iv, positions={"layers.1.block_output": "f1+l1", "layers.0.mlp_output": "all"})
+    rm = reft.IntervenableModel(model, iv, positions={"layers.1.block_output": positions, "layers.0.mlp_output": "all"})
     return rm, tok
 
 
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--examples", type=int, default=40)
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--positions", default="f1+l1", help="LoReFT's positions")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=None)
@@ -76,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    rm, tok = build(args.dropout)
+    rm, tok = build(args.dropout, args.positions)
     data = build_generation_data(tok, pairs(args.examples))
     config = TrainConfig(
         lr=1e-2, batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,

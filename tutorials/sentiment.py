@@ -12,14 +12,15 @@ held-out test with a fixed seed. Every method trains the same head, plus:
 - LoRA (rank 8 on the attention's query and value, lr 5e-4), when `peft` is installed (`pip install peft`);
 - full fine-tuning (every weight, lr 5e-5), the reference, only when asked: `--methods full`.
 
-All train 3 epochs at lr 5e-3 (batch 16, 6% warm-up, linear decay, similar-length batches). The
-script prints a table of trainable parameters, held-out accuracy and training time (and saves a bar
-chart as sentiment.png when matplotlib is installed).
+All train 3 epochs at lr 5e-3 unless said (batch 16, 6% warm-up, linear decay, similar-length
+batches). The script prints a table of trainable parameters, held-out accuracy and training time (and
+saves a bar chart as sentiment.png when matplotlib is installed).
 
 The settings were chosen with `--validate`, which trains on 80% of the train split and reports
-accuracy on the other 20%: the test snippets play no part in choosing them.
+accuracy on the other 20%: the test snippets played no part in choosing them. On the test split
+LoReFT scores 76.2% and full fine-tuning 79.8% (docs/tutorials.md has the whole table).
 
-    python tutorials/sentiment.py             # 4 methods (5 with peft), 3 epochs: see docs/tutorials.md for times
+    python tutorials/sentiment.py             # 4 methods (5 with peft), 3 epochs: about 8 minutes on 2 cores
     python tutorials/sentiment.py --validate  # the same on a validation split carved from train
     python tutorials/sentiment.py --tiny      # 64 examples, 2 steps per method: checks the code path (CI)
     python tutorials/sentiment.py --methods "head only,LoReFT" --epochs 1   # a quicker comparison

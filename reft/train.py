@@ -480,7 +480,11 @@ def _optimizer(rm: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     for p in rm.trainable_parameters():
         (decay if p.dim() >= 2 and id(p) not in orthonormal else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    groups = [g for g in groups if g["params"]]
+    try:  # one fused kernel for every tensor: about 2 ms less a step with 30 LoReFT sites (bench/RESULTS.md)
+        return torch.optim.AdamW(groups, lr=config.lr, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype that fused AdamW does not support
+        return torch.optim.AdamW(groups, lr=config.lr)
 
 
 def _scheduler(optimizer, config: TrainConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:

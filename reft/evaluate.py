@@ -85,9 +85,7 @@ def answer_accuracy(
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither pad_token nor eos_token to pad prompts with; set tokenizer.pad_token")
+    pad = _pad_id(tokenizer)
     encode = _prompt_encoder(tokenizer, chat_template, system_prompt)
     device = next(rm.model.parameters()).device
 
@@ -159,6 +157,14 @@ def _check_match(match: str) -> None:
 def _number(text: str) -> float | None:
     text = text.strip().replace(",", "")
     return float(text) if _NUMBER.fullmatch(text) else None
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The token that left-pads prompts: pad_token, else eos_token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither pad_token nor eos_token to pad prompts with; set tokenizer.pad_token")
+    return pad
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX, Collator, TokenizedData
+from .evaluate import _eval_mode
 from .interventions.base import OrthonormalRows
 
 _SCHEDULES = ("linear", "cosine", "constant")
@@ -291,9 +292,7 @@ class Trainer:
             raise ValueError("no eval_data: pass Trainer(..., eval_data=...) or evaluate(data)")
         if len(data) == 0:
             raise ValueError("eval data is empty")
-        modes = {m: m.training for m in self.rm.modules()}
-        self.rm.eval()
-        try:
+        with _eval_mode(self.rm):
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, count, correct
             predictions, targets, token_level, regression = [], [], False, False
             mine = list(range(self.rank, len(data), self.world))
@@ -323,9 +322,6 @@ class Trainer:
                 pred, target = (_gather(torch.cat(x)) if self.world > 1 else torch.cat(x) for x in (predictions, targets))
                 result.update({f"eval_{k}": float(v) for k, v in self.compute_metrics(pred.cpu(), target.cpu()).items()})
             return result
-        finally:
-            for m, training in modes.items():
-                m.training = training
 
     # ----------------------------------------------------------------- logging and checkpoints
     def _log_record(self, step: int, epoch: float, started: float) -> dict:

@@ -222,7 +222,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data import _prompt_encoder
-    from .evaluate import _left_pad
+    from .evaluate import _left_pad, _pad_id
     from .model import IntervenableModel
     from .recipes import ModelSection, Recipe, load_model, load_recipe
 
@@ -234,7 +234,7 @@ def _generate(args: argparse.Namespace) -> int:
     rm = IntervenableModel.from_pretrained(model, args.adapter)
     rm.eval()
     encode = _prompt_encoder(tokenizer, chat_template=False if args.no_chat_template else None, system_prompt=None)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     input_ids, attention_mask = _left_pad([encode(p) for p in args.prompt], pad)  # prompts as training saw them
     device = next(model.parameters()).device
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}

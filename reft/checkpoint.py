@@ -591,8 +591,9 @@ def _remove_dead_temporaries(target: Path) -> None:
     of a previous version), are left alone."""
     if os.name != "posix":
         return
-    for folder in target.parent.glob(f".{glob.escape(target.name)}.tmp-*"):
-        pid = folder.name[len(target.name) + 6 :].split("-", 1)[0]
+    prefix = f".{target.name}.tmp-"
+    for folder in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -14,7 +14,8 @@ from .interventions import (
     registered_interventions,
 )
 from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from .model import IntervenableModel
+from .config import ReftConfig
+from .model import IntervenableModel, get_reft_model
 from .positions import PositionSpec
 from .train import TrainConfig, Trainer
 from . import data, evaluate
@@ -34,6 +35,8 @@ __all__ = [
     "make_intervention",
     "registered_interventions",
     "IntervenableModel",
+    "ReftConfig",
+    "get_reft_model",
     "PositionSpec",
     "save_training_checkpoint",
     "load_training_checkpoint",

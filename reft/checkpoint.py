@@ -36,10 +36,11 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
-from .interventions.base import Intervention, intervention_class
-from .positions import PositionSpec
+from .config import ReftConfig
+from .interventions.base import Intervention
 from .sites import find_stacks, hidden_size_of, resolve_site
 
+DEFAULT_ADAPTER = "default"  # the adapter saved at a folder's root; others go in sub-folders named after them
 FORMAT_VERSION = 1  # bump when a reader of the previous version could misread a new adapter
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -53,84 +54,79 @@ PathLike = str | os.PathLike
 
 # ===================================================================== adapters
 def save_adapter(rm, path: PathLike) -> None:
-    """Write `rm`'s adapter to folder `path` (`adapter_config.json` + `adapter_model.safetensors`).
+    """Write `rm`'s adapters to folder `path`: `"default"` at its root, every other one in `path/<name>/`.
 
     The folder is replaced atomically: an existing adapter at `path` stays intact until the new one
     is complete on disk. Called by `IntervenableModel.save_pretrained`.
     """
     with _atomic_folder(path) as tmp:
-        _write_adapter(rm, tmp)
+        _write_adapters(rm, tmp)
 
 
-def load_adapter(cls, model: nn.Module, path: PathLike, device: str | torch.device | None = None):
-    """Rebuild the adapter saved in folder `path` on `model`; returns a `cls` (an IntervenableModel).
+def read_adapter(model: nn.Module, path: PathLike) -> tuple[ReftConfig, dict[str, list[Intervention]], dict[str, torch.Tensor]]:
+    """The adapter saved in folder `path`, for `model`: `(config, {site: [interventions]}, head tensors)`.
 
     Everything is checked before anything is attached: the format version, the base model's
     fingerprint (model type, hidden size, number of layers, shapes of the edited modules), the
-    intervention names (registered ones only), the tensors' integrity, names, shapes and dtypes.
-    On any error a ValueError (or FileNotFoundError) is raised and `model` is left untouched.
-    Tensors go to `device`, or the model's device; a `device` other than the model's moves the model.
+    intervention names (registered ones only) and sizes (before any weight is allocated), the
+    tensors' integrity, names, shapes and dtypes. On any error a ValueError (or FileNotFoundError)
+    is raised and `model` is left untouched; the head tensors are for the caller to copy in.
     """
     folder = Path(path)
-    config = _read_json(folder, CONFIG_NAME, "an adapter")
-    _check_format(config, "reft-adapter", folder / CONFIG_NAME)
-    _check_base_model(config, model, folder)
-    plan = _Plan.parse(config, folder)
-    interventions = plan.build(folder)
-    _check_sites(model, plan, interventions, config, folder)
-    tensors = _read_tensors(folder, WEIGHTS_NAME, config)
-    expected = _tensor_table(interventions, plan.head, model)
+    where = folder / CONFIG_NAME
+    raw = _read_json(folder, CONFIG_NAME, "an adapter")
+    _check_format(raw, "reft-adapter", where)
+    _check_base_model(raw, model, folder)
+    config = ReftConfig.from_dict(raw, str(where))
+    _check_sites(model, config, raw, folder)
+    try:
+        interventions = config.build(model)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    tensors = _read_tensors(folder, WEIGHTS_NAME, raw)
+    expected = _tensor_table(interventions, config.head, model)
     _check_tensors(tensors, expected, folder / WEIGHTS_NAME)
-
-    values = {site: ivs[0] if len(ivs) == 1 else tuple(ivs) for site, ivs in interventions.items()}
-    rm = cls(model, values, positions=plan.positions, tied=plan.tied, head=plan.head or None)
-    _copy_into(rm, tensors)
-    rm.train(model.training)  # the interventions follow the base model's mode (eval: dropout off)
-    if device is not None and torch.device(device) != _device_of(model):
-        rm.to(device)
-    return rm
+    with torch.no_grad():
+        for key, live in expected.items():
+            if not key.startswith("head."):
+                live.copy_(tensors[key])
+    head = {key.removeprefix("head."): t for key, t in tensors.items() if key.startswith("head.")}
+    return config, interventions, head
 
 
-def _write_adapter(rm, folder: Path) -> None:
-    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _live_tensors(rm).items()}
+def _write_adapters(rm, folder: Path) -> None:
+    for name in rm.adapter_names:
+        target = folder if name == DEFAULT_ADAPTER else folder / name
+        target.mkdir(exist_ok=True)
+        _write_adapter(rm, target, name)
+
+
+def _write_adapter(rm, folder: Path, name: str = "default") -> None:
+    config = _adapter_config(rm, name)
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, t in _live_tensors(rm, name).items()}
     data = _st_save(tensors, metadata={"format": "pt"})
     _write_bytes(folder / WEIGHTS_NAME, data)
-    config = _adapter_config(rm)
     config["files"] = {WEIGHTS_NAME: _file_record(data)}
     _write_bytes(folder / CONFIG_NAME, _json_bytes(config))
 
 
-def _adapter_config(rm) -> dict:
+def _adapter_config(rm, name: str = "default") -> dict:
     from . import __version__
 
-    positions = rm.site_positions()
-    sites = []
-    for slot in rm._slots:
-        ivs = []
-        for iv in slot.interventions:
+    for site, ivs in rm.interventions_of(name).items():
+        for iv in ivs:
             if not iv.name:
                 raise ValueError(
-                    f"site {slot.site.name!r}: {type(iv).__name__} is not a registered intervention; "
+                    f"site {site!r}: {type(iv).__name__} is not a registered intervention; "
                     "decorate it with @reft.register_intervention(name) so that adapters can name it"
                 )
-            try:
-                json.dumps(iv.config, allow_nan=False)
-            except (TypeError, ValueError) as e:
-                raise ValueError(
-                    f"site {slot.site.name!r}: {iv.name} config {iv.config!r} is not JSON ({e}); constructor "
-                    "arguments of a saved intervention must be numbers, strings, booleans, None, lists or dicts"
-                ) from None
-            ivs.append({"name": iv.name, "config": dict(iv.config)})
-        spec, tied = positions[slot.site.name]
-        sites.append({"site": slot.site.name, "positions": spec, "tied": tied, "interventions": ivs})
+    config = rm.reft_config[name]
     return {
         "format": "reft-adapter",
         "format_version": FORMAT_VERSION,
         "reft_version": __version__,
-        "base_model": _fingerprint(rm.model, [slot.site for slot in rm._slots]),
-        "tied": all(site["tied"] for site in sites),
-        "sites": sites,
-        "head": list(rm.head),
+        "base_model": _fingerprint(rm.model, [rm.site_of(site) for site in config.sites]),
+        **config.to_dict(),
     }
 
 
@@ -161,9 +157,9 @@ def _num_layers(model: nn.Module) -> int | dict[str, int]:
     return {side: len(blocks) for side, (_, blocks) in stacks.items()}
 
 
-def _live_tensors(rm) -> dict[str, torch.Tensor]:
-    """`{key in the file: live parameter or buffer}` for the interventions and the head."""
-    return _tensor_table({slot.site.name: list(slot.interventions) for slot in rm._slots}, rm.head, rm.model)
+def _live_tensors(rm, name: str = "default") -> dict[str, torch.Tensor]:
+    """`{key in the file: live parameter or buffer}` for an adapter's interventions and head."""
+    return _tensor_table(rm.interventions_of(name), rm.reft_config[name].head, rm.model)
 
 
 def _tensor_table(interventions: dict[str, list[Intervention]], head: list[str], model: nn.Module) -> dict:
@@ -176,74 +172,6 @@ def _tensor_table(interventions: dict[str, list[Intervention]], head: list[str],
         for name, p in model.get_submodule(path).named_parameters():
             table[f"head.{path}.{name}"] = p
     return table
-
-
-class _Plan:
-    """The sites, positions, tying and head an adapter config describes, checked for shape."""
-
-    def __init__(self, sites: list[dict], tied: bool, head: list[str]):
-        self.sites, self.tied, self.head = sites, tied, head
-        self.positions = {s["site"]: s["positions"] for s in sites}
-
-    @classmethod
-    def parse(cls, config: dict, folder: Path) -> "_Plan":
-        where = folder / CONFIG_NAME
-        sites, head = config.get("sites"), config.get("head", [])
-        if not isinstance(sites, list) or not sites:
-            raise ValueError(f"{where}: 'sites' must be a non-empty list of sites, got {sites!r}")
-        if not isinstance(head, list) or not all(isinstance(h, str) for h in head):
-            raise ValueError(f"{where}: 'head' must be a list of module paths, got {head!r}")
-        for s in sites:
-            ok = (
-                isinstance(s, dict)
-                and isinstance(s.get("site"), str)
-                and isinstance(s.get("positions"), str)
-                and isinstance(s.get("interventions"), list)
-                and len(s["interventions"]) in (1, 2)
-                and all(isinstance(iv, dict) and isinstance(iv.get("name"), str) and isinstance(iv.get("config"), dict)
-                        for iv in s["interventions"])
-            )
-            if not ok:
-                raise ValueError(
-                    f"{where}: malformed site entry {s!r}; expected {{'site': str, 'positions': str, "
-                    "'tied': bool, 'interventions': [{'name': str, 'config': {...}}] (1 or 2 of them)}"
-                )
-            try:
-                spec = PositionSpec.parse(s["positions"])
-            except ValueError as e:
-                raise ValueError(f"{where}: site {s['site']!r}: {e}") from None
-            if len(s["interventions"]) == 2 and not spec.two_sided:
-                raise ValueError(f"{where}: site {s['site']!r} has 2 interventions but positions {s['positions']!r}")
-        untied = [s["site"] for s in sites if len(s["interventions"]) == 2]
-        single_two_sided = [
-            s["site"] for s in sites if len(s["interventions"]) == 1 and PositionSpec.parse(s["positions"]).two_sided
-        ]
-        if untied and single_two_sided:
-            raise ValueError(
-                f"{where}: sites {untied} are untied but {single_two_sided} are tied; "
-                "an IntervenableModel ties all its two-sided sites or none"
-            )
-        return cls(sites, tied=not untied, head=list(head))
-
-    def build(self, folder: Path) -> dict[str, list[Intervention]]:
-        """Build every intervention through the registry (unknown names list the registered ones)."""
-        built = {}
-        for s in self.sites:
-            ivs = []
-            for entry in s["interventions"]:
-                try:
-                    cls = intervention_class(entry["name"])  # only registered names can be built
-                except ValueError as e:
-                    raise ValueError(f"{folder / CONFIG_NAME}: site {s['site']!r}: {e}") from None
-                try:
-                    ivs.append(cls(**entry["config"]))
-                except (TypeError, ValueError) as e:
-                    raise ValueError(
-                        f"{folder / CONFIG_NAME}: site {s['site']!r}: cannot build {entry['name']!r} "
-                        f"from config {entry['config']!r}: {e}"
-                    ) from None
-            built[s["site"]] = ivs
-        return built
 
 
 # ============================================================= training checkpoints
@@ -273,7 +201,7 @@ def save_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None,
         "rng": _rng_state(tensors),
     }
     with _atomic_folder(path) as tmp:
-        _write_adapter(rm, tmp)
+        _write_adapters(rm, tmp)
         data = _st_save(tensors, metadata={"format": "pt"})
         _write_bytes(tmp / TRAINING_TENSORS_NAME, data)
         record["files"] = {TRAINING_TENSORS_NAME: _file_record(data)}
@@ -290,17 +218,20 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
     folder = Path(path)
     record = _read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
     _check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
-    config = _read_json(folder, CONFIG_NAME, "a training checkpoint")
-    _check_format(config, "reft-adapter", folder / CONFIG_NAME)
-    _check_base_model(config, rm.model, folder)
-    ours = _adapter_config(rm)
-    for key in ("sites", "head"):
-        if config.get(key) != ours[key]:
-            raise ValueError(
-                f"{folder / CONFIG_NAME}: the checkpoint's {key} {config.get(key)!r} differ from the model's {ours[key]!r}"
-            )
-    adapter = _read_tensors(folder, WEIGHTS_NAME, config)
-    _check_tensors(adapter, _live_tensors(rm), folder / WEIGHTS_NAME)
+    adapters = {}  # adapter name -> its tensors in the checkpoint
+    for name in rm.adapter_names:
+        sub = folder if name == DEFAULT_ADAPTER else folder / name
+        config = _read_json(sub, CONFIG_NAME, f"adapter {name!r} of a training checkpoint")
+        _check_format(config, "reft-adapter", sub / CONFIG_NAME)
+        _check_base_model(config, rm.model, sub)
+        ours = _adapter_config(rm, name)
+        for key in ("sites", "head"):
+            if config.get(key) != ours[key]:
+                raise ValueError(
+                    f"{sub / CONFIG_NAME}: the checkpoint's {key} {config.get(key)!r} differ from the model's {ours[key]!r}"
+                )
+        adapters[name] = _read_tensors(sub, WEIGHTS_NAME, config)
+        _check_tensors(adapters[name], _live_tensors(rm, name), sub / WEIGHTS_NAME)
     tensors = _read_tensors(folder, TRAINING_TENSORS_NAME, record)
     try:
         opt_state = _decode(record["optimizer"], tensors)
@@ -319,7 +250,8 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
         optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(sched_state)
-    _copy_into(rm, adapter)
+    for name, tensors in adapters.items():
+        _copy_into(rm, name, tensors)
     _set_rng_state(rng)
     return record["state"]
 
@@ -486,28 +418,25 @@ def _check_base_model(config: dict, model: nn.Module, folder: Path) -> None:
             )
 
 
-def _check_sites(model: nn.Module, plan: _Plan, interventions: dict, config: dict, folder: Path) -> None:
-    """Every site resolves, its module has the recorded shapes and the interventions fit it; the head exists."""
-    modules = config["base_model"].get("modules")
+def _check_sites(model: nn.Module, config: ReftConfig, raw: dict, folder: Path) -> None:
+    """Every site resolves and its module has the recorded shapes; the head exists. Before any building."""
+    modules = raw["base_model"].get("modules")
     modules = modules if isinstance(modules, dict) else {}
-    for site, ivs in interventions.items():
-        resolved = resolve_site(model, site)  # ValueError naming the valid choices
+    for site in config.sites:
+        try:
+            resolved = resolve_site(model, site)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
         recorded = modules.get(site, {}).get("shapes") if isinstance(modules.get(site), dict) else None
-        if recorded is not None:
+        if isinstance(recorded, dict):
             mine = {n: list(p.shape) for n, p in resolved.module.named_parameters()}
-            if sorted(recorded.values()) != sorted(mine.values()):
+            if sorted(map(str, recorded.values())) != sorted(map(str, mine.values())):
                 diff = {n: (recorded.get(n), mine.get(n)) for n in set(recorded) | set(mine) if recorded.get(n) != mine.get(n)}
                 raise ValueError(
                     f"{folder}: site {site!r}: the edited module's parameter shapes differ from the saved "
-                    f"base model's ({{name: (saved, this model)}}: {diff})"
+                    f"base model's ({{name: (saved, this model)}}: {str(diff)[:200]})"
                 )
-        for iv in ivs:
-            if resolved.hidden_size is not None and iv.hidden_size != resolved.hidden_size:
-                raise ValueError(
-                    f"{folder}: site {site!r}: the saved {iv.name} has hidden_size {iv.hidden_size}, "
-                    f"but the site's hidden size is {resolved.hidden_size}"
-                )
-    for path in plan.head:
+    for path in config.head:
         try:
             model.get_submodule(path)
         except AttributeError:
@@ -552,9 +481,9 @@ def _check_tensors(found: dict[str, torch.Tensor], expected: dict[str, torch.Ten
             )
 
 
-def _copy_into(rm, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_into(rm, name: str, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for key, live in _live_tensors(rm).items():
+        for key, live in _live_tensors(rm, name).items():
             live.copy_(tensors[key])
 
 

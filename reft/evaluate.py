@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import _prompt_encoder
-from .generation import MODES
+from ._edit import MODES
 
 if TYPE_CHECKING:
     from .model import IntervenableModel

@@ -578,7 +578,7 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     with torch.device("meta"):
         model = _model_class(recipe.model.task).from_config(config)
     rm = build_intervenable(recipe, model)
-    trainable, total = rm._counts()
+    trainable, total = rm.parameter_counts()
     summary.update(
         sites=rm.sites,
         positions=recipe.intervention.positions,

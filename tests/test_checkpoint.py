@@ -105,10 +105,11 @@ def test_round_trip_every_intervention_exact(tmp_path, name, tied):
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "adapter")
     assert torch.equal(_logits(loaded, batch), before)
     assert loaded.site_positions() == rm.site_positions() == {"layers.1.block_output": ("f2+l1", tied)}
-    for a, b in zip(rm._slots[0].interventions, loaded._slots[0].interventions):
+    site = "layers.1.block_output"
+    for a, b in zip(rm.interventions_of()[site], loaded.interventions_of()[site]):
         assert type(a) is type(b) and a.config == b.config
         assert not b.training  # eval like the base model: dropout off
-    assert len(loaded._slots[0].interventions) == (1 if tied else 2)
+    assert len(loaded.interventions_of()[site]) == (1 if tied else 2)
 
 
 def test_round_trip_sites_positions_and_dtypes(tmp_path):
@@ -290,7 +291,7 @@ INVALID = {
         tiny.causal_lm,
         lambda f: _edit_config(f, lambda c: c["sites"][0]["interventions"][0]["config"].update(rank=99)),
         ValueError,
-        ["cannot build 'loreft'", "rank must be an int in 1..32"],
+        ["site 'layers.1.block_output': loreft rank must be an int in 1..32 .*got 99"],
     ),
     "newer_format": (
         tiny.causal_lm,

@@ -143,10 +143,10 @@ def test_only_intervention_and_head_parameters_require_grad():
     model = tiny.classifier("bert")
     rm = reft.IntervenableModel(model, {"layers.0.block_output": reft.LoReFT(tiny.HIDDEN, 2)}, positions="f1")
     names = {n for n, p in rm.named_parameters() if p.requires_grad}
-    assert names == {"interventions.layers-0-block_output.0.R.weight", "interventions.layers-0-block_output.0.W.weight", "interventions.layers-0-block_output.0.W.bias"}
+    assert names == {"adapters.default.layers-0-block_output.0.R.weight", "adapters.default.layers-0-block_output.0.W.weight", "adapters.default.layers-0-block_output.0.W.bias"}
     rm = reft.IntervenableModel(tiny.classifier("bert"), {"layers.0.block_output": reft.RED(tiny.HIDDEN)}, head="classifier")
     names = {n for n, p in rm.named_parameters() if p.requires_grad}
-    assert names == {"interventions.layers-0-block_output.0.scale", "interventions.layers-0-block_output.0.bias", "model.classifier.weight", "model.classifier.bias"}
+    assert names == {"adapters.default.layers-0-block_output.0.scale", "adapters.default.layers-0-block_output.0.bias", "model.classifier.weight", "model.classifier.bias"}
     assert sum(p.numel() for p in rm.trainable_parameters()) == 2 * tiny.HIDDEN + tiny.HIDDEN * 2 + 2
 
 

@@ -201,10 +201,10 @@ def test_weight_decay_never_touches_r_nor_vectors():
     trainer = Trainer(rm, TrainConfig(weight_decay=0.1), build_generation_data(tok, pairs(4)))
     names = {id(p): n for n, p in rm.named_parameters()}
     groups = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in trainer.optimizer.param_groups}
-    assert groups[0.1] == ["interventions.layers-1-block_output.0.W.weight"]
-    assert "interventions.layers-1-block_output.0.R.weight" in groups[0.0]
-    assert "interventions.layers-1-block_output.0.W.bias" in groups[0.0]
-    assert "interventions.layers-0-mlp_output.0.scale" in groups[0.0]
+    assert groups[0.1] == ["adapters.default.layers-1-block_output.0.W.weight"]
+    assert "adapters.default.layers-1-block_output.0.R.weight" in groups[0.0]
+    assert "adapters.default.layers-1-block_output.0.W.bias" in groups[0.0]
+    assert "adapters.default.layers-0-mlp_output.0.scale" in groups[0.0]
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])

@@ -1,12 +1,5 @@
-"""Generation with interventions (`rm.generate`) and RED folded into the weights (`rm.merge`).
-
-`generate` wraps Hugging Face's `model.generate`: the prompt positions come from the attention mask
-(left padding, prompts of different lengths), the hooks learn from the model's top-level pre-hook
-which columns each forward pass covers, and in mode "prompt" the KV cache carries the prompt's edit
-into decoding while decode steps run no intervention code.
-
-`merge` returns a copy of the base model in which each RED site's `s ⊙ y + b` has been folded into
-the linear layer that produces `y`: `W' = diag(s) W`, `c' = s ⊙ c + b`.
+"""RED folded into the weights (`rm.merge()`): a copy of the base model in which each RED site's
+`s ⊙ y + b` has been folded into the linear layer that produces `y`: `W' = diag(s) W`, `c' = s ⊙ c + b`.
 """
 
 from __future__ import annotations
@@ -14,70 +7,15 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .interventions.red import RED
-from .model import _Generation
 
 if TYPE_CHECKING:
     from .model import IntervenableModel
-
-MODES = ("prompt", "every_token")
-
-
-def generate(rm: "IntervenableModel", *args: Any, mode: str = "prompt", **kwargs: Any) -> Any:
-    """Hugging Face `generate` on `rm.model` with `rm`'s interventions.
-
-    Args:
-        rm: the wrapped model.
-        *args, **kwargs: `model.generate`'s own arguments: the tokenized prompt (`input_ids` `[B, P]`,
-            left-padded, and its `attention_mask`; without one every token counts as real), then
-            `max_new_tokens`, `do_sample`, `num_beams`, `use_cache`, ...
-        mode: `"prompt"` (default): position specs are resolved on the prompt's attention mask and
-            the prompt is edited in the prefill pass only; the KV cache carries the edit into
-            decoding. `"every_token"`: in addition, sites whose spec reaches generated tokens
-            (`"all"`, or a spec with a last part `"l{n}"`) edit each generated token (with the suffix
-            intervention of an untied site); `"f{n}"` sites edit the prompt only.
-
-    Returns:
-        What `model.generate` returns (a `[B * num_return_sequences, P + new]` tensor, or its output
-        object with `return_dict_in_generate=True`).
-
-    With `use_cache=False` the whole sequence is recomputed at every step, and each pass edits the
-    same positions (the prompt's, plus in mode "every_token" the generated ones), so the tokens
-    match those generated with the cache. Encoder-decoder models: encoder sites edit the encoder
-    input by their spec; decoder sites edit every decoder token in mode "every_token" (if their spec
-    reaches generated tokens) and nothing in mode "prompt".
-
-    Example:
-        >>> batch = tokenizer(["Hi", "What is ReFT?"], return_tensors="pt", padding=True)  # padding_side="left"
-        >>> out = rm.generate(**batch, max_new_tokens=32, do_sample=False)
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {', '.join(map(repr, MODES))}")
-    for key in ("positions", "prompt_mask"):
-        if key in kwargs:
-            raise ValueError(f"generate takes no {key}=: the prompt positions come from the attention_mask")
-    model = rm.model
-    given = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None)
-    inputs = next((x for x in given if x is not None), None)
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise ValueError(f"generate needs input_ids [batch, prompt_length] (or inputs_embeds), got {got}")
-    B, P = inputs.shape[:2]
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = kwargs["attention_mask"] = torch.ones(B, P, dtype=torch.long, device=inputs.device)
-    if mask.shape != (B, P):
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, but the prompt is [batch, seq] = ({B}, {P})")
-    decoder_prompt = 0 if getattr(model.config, "is_encoder_decoder", False) else P
-    state = _Generation(mode=mode, prompt_length=decoder_prompt)
-    with rm.calling((), {"attention_mask": mask}, generation=state):
-        return model.generate(*args, **kwargs)
 
 
 def merge(rm: "IntervenableModel") -> nn.Module:
@@ -99,54 +37,38 @@ def merge(rm: "IntervenableModel") -> nn.Module:
     Raises:
         ValueError: naming every site that cannot be merged, and why.
     """
+    if len(rm.active_adapters) != 1:
+        raise ValueError(f"cannot merge: merge folds one adapter, but {rm.active_adapters} are active; set_adapter(name) first")
+    name = rm.active_adapter
+    positions = rm.reft_config[name].positions
+    interventions = rm.interventions_of(name)
+    sites = {site: rm.site_of(site) for site in interventions}
     problems = []
-    for slot in rm._slots:
-        name, iv = slot.site.name, slot.interventions[0]
+    for site, ivs in interventions.items():
+        iv = ivs[0]
         if not isinstance(iv, RED):
-            problems.append(f"site {name!r} holds {type(iv).__name__}, only RED (s ⊙ h + b) is affine per coordinate")
-        elif not slot.spec.all:
-            problems.append(f"site {name!r} edits positions {str(slot.spec)!r}; a weight edit applies to every token (needs 'all')")
-        elif slot.site.edits_input:
-            problems.append(f"site {name!r} edits a module's input, not the output of a linear layer")
+            problems.append(f"site {site!r} holds {type(iv).__name__}, only RED (s ⊙ h + b) is affine per coordinate")
+        elif positions[site] != "all":
+            problems.append(f"site {site!r} edits positions {positions[site]!r}; a weight edit applies to every token (needs 'all')")
+        elif sites[site].edits_input:
+            problems.append(f"site {site!r} edits a module's input, not the output of a linear layer")
     if problems:
         raise ValueError("cannot merge: " + "; ".join(problems))
 
-    merged = _copy_without_hooks(rm)
+    merged = rm.unwrapped_copy()
     paths = {id(m): p for p, m in rm.model.named_modules()}
-    site_modules = {slot.site.name: merged.get_submodule(paths[id(slot.site.module)]) for slot in rm._slots}
+    site_modules = {site: merged.get_submodule(paths[id(s.module)]) for site, s in sites.items()}
     linears = _probe_linears(merged, site_modules)
     seen: dict[str, str] = {}
-    for slot in rm._slots:
-        path = linears[slot.site.name]
+    for site in interventions:
+        path = linears[site]
         if path in seen:
-            raise ValueError(f"cannot merge: sites {seen[path]!r} and {slot.site.name!r} both edit the output of {path!r}")
-        seen[path] = slot.site.name
-    added = [path for slot in rm._slots if _fold(merged.get_submodule(path := linears[slot.site.name]), slot.interventions[0])]
+            raise ValueError(f"cannot merge: sites {seen[path]!r} and {site!r} both edit the output of {path!r}")
+        seen[path] = site
+    added = [linears[site] for site, ivs in interventions.items() if _fold(merged.get_submodule(linears[site]), ivs[0])]
     if added:
         _make_loadable(merged, added)
     return merged
-
-
-def _copy_without_hooks(rm: "IntervenableModel") -> nn.Module:
-    """`copy.deepcopy(rm.model)` as if `rm`'s hooks had never been registered.
-
-    Our entries are filtered out of each module's hook dicts for the copy, and the original dicts
-    (which our handles point to) are put back afterwards, in their order.
-    """
-    ours = {handle.id for handle in rm._handles}
-    attrs = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-    saved = []
-    try:
-        for module in rm.model.modules():
-            for attr in attrs:
-                hooks = getattr(module, attr, None)
-                if hooks and not ours.isdisjoint(hooks):
-                    saved.append((module, attr, hooks))
-                    object.__setattr__(module, attr, OrderedDict((k, v) for k, v in hooks.items() if k not in ours))
-        return copy.deepcopy(rm.model)
-    finally:
-        for module, attr, hooks in saved:
-            object.__setattr__(module, attr, hooks)
 
 
 def _is_linear(module: nn.Module) -> bool:

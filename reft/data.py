@@ -6,11 +6,14 @@ An example is a dict of tensors:
 - `labels`: `[n]` with -100 over the prompt (generation), or a scalar class index (classification);
 - `prompt_length` (scalar): how many leading tokens are prompt; the whole text for classification,
   so that position specs such as `"l1"` count prompt tokens while training on prompt + response;
-- `positions` `[p]` (optional): explicit token indices into the example, -1 = none.
+- `positions` `[p]` (optional): explicit token indices into the example, -1 = none;
+- `adapter` (optional, a str or None): the adapter this example trains and is scored with, when rows
+  given as dicts carry an `"adapter"` key (several adapters trained at once: multi-task).
 
 `Collator` pads a list of examples on the tokenizer's side and returns `input_ids`, `attention_mask`,
-`labels`, `prompt_mask` (and `positions`, shifted by the left padding) as batch tensors: exactly the
-keyword arguments `IntervenableModel.forward` takes, plus `labels`.
+`labels`, `prompt_mask` (and `positions`, shifted by the left padding) as batch tensors, and
+`adapter_names` (a list) when the examples carry adapters: exactly the keyword arguments
+`IntervenableModel.forward` takes, plus `labels`.
 
 Every builder checks its input before any training starts: an empty dataset, a prompt or response that
 tokenizes to nothing, an example longer than `max_length` (an error, or a counted and logged skip with
@@ -30,6 +33,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of the tokens that carry no loss (the prompt, the padding)
+_NO_ADAPTER = object()  # a row without an "adapter" key (None is a row routed to no adapter)
 _TOO_LONG = ("error", "skip")
 
 
@@ -114,7 +118,7 @@ def build_generation_data(
 
     examples, skipped = [], 0
     for i, row in enumerate(_rows(pairs_or_dataset, prompt_key, response_key, positions_key)):
-        prompt, response, positions = row
+        prompt, response, positions, adapter = row
         prompt_ids = encode_prompt(prompt)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
@@ -131,6 +135,8 @@ def build_generation_data(
         example = {"input_ids": input_ids, "labels": labels, "prompt_length": torch.tensor(len(prompt_ids))}
         if positions is not None:
             example["positions"] = _check_example_positions(i, positions, len(ids))
+        if adapter is not _NO_ADAPTER:
+            example["adapter"] = _check_adapter(i, adapter)
         examples.append(example)
     return _finish(examples, "generation", tokenizer, limit, skipped)
 
@@ -199,6 +205,7 @@ def build_classification_data(
         (position specs count the whole text).
     """
     _check_choice("on_too_long", on_too_long, _TOO_LONG)
+    adapters = None  # per example, when dict rows carry an "adapter" key
     if labels is None:
         rows = list(texts)
         if rows and not isinstance(rows[0], Mapping):
@@ -207,6 +214,8 @@ def build_classification_data(
         if missing:
             raise ValueError(f"rows have no column(s) {missing}; they have {sorted(rows[0])}")
         texts, labels = [r[text_key] for r in rows], [r[label_key] for r in rows]
+        if rows and "adapter" in rows[0]:
+            adapters = [_check_adapter(i, r.get("adapter")) for i, r in enumerate(rows)]
     texts, labels = list(texts), list(labels)
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
@@ -230,6 +239,7 @@ def build_classification_data(
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(label, dtype=torch.float if regression else torch.long),
             "prompt_length": torch.tensor(len(ids)),
+            **({"adapter": adapters[i]} if adapters is not None else {}),
         })
     data = _finish(examples, "classification", tokenizer, limit, skipped)
     if not regression:
@@ -312,6 +322,11 @@ class Collator:
             "labels": labels,
             "prompt_mask": prompt_mask.long(),
         }
+        routed = sum("adapter" in e for e in examples)
+        if routed not in (0, B):
+            raise ValueError(f"{routed} of {B} examples name an adapter; either all or none must (None: no adapter)")
+        if routed:
+            batch["adapter_names"] = [e["adapter"] for e in examples]
         carried = sum("positions" in e for e in examples)
         if carried not in (0, B):
             raise ValueError(f"{carried} of {B} examples carry explicit positions; either all or none must")
@@ -339,8 +354,10 @@ def _rows(data: Iterable[Any], prompt_key: str, response_key: str, positions_key
             if missing:
                 raise ValueError(f"example {i}: no key(s) {missing}; it has {sorted(row)}")
             prompt, response, positions = row[prompt_key], row[response_key], row.get(positions_key)
+            adapter = row.get("adapter", _NO_ADAPTER)
         elif isinstance(row, (tuple, list)) and len(row) in (2, 3):
             prompt, response, positions = row[0], row[1], (row[2] if len(row) == 3 else None)
+            adapter = _NO_ADAPTER
         else:
             raise ValueError(
                 f"example {i}: expected a (prompt, response) pair, a (prompt, response, positions) triple or a "
@@ -349,9 +366,15 @@ def _rows(data: Iterable[Any], prompt_key: str, response_key: str, positions_key
         for name, value in (("prompt", prompt), ("response", response)):
             if not isinstance(value, str):
                 raise ValueError(f"example {i}: the {name} must be a str, got {type(value).__name__} {value!r:.80}")
-        yield prompt, response, positions
+        yield prompt, response, positions, adapter
     if count == 0:
         raise ValueError("the dataset is empty: give at least one (prompt, response) pair")
+
+
+def _check_adapter(i: int, adapter: Any) -> str | None:
+    if adapter is not None and not isinstance(adapter, str):
+        raise ValueError(f"example {i}: 'adapter' must be an adapter name (str) or None, got {type(adapter).__name__} {adapter!r:.80}")
+    return adapter
 
 
 def _check_example_positions(i: int, positions: Any, n: int) -> torch.Tensor:

@@ -104,6 +104,7 @@ class IntervenableModel(nn.Module):
         self._active = True
         self._hooks_live = True
         self._checkpoint_layers: list[nn.Module] = []  # layers whose checkpointing function we wrapped
+        self._checkpointable: list[nn.Module] | None = None
         self._step_handle = model.register_forward_pre_hook(lambda m, a, kw: self._step(a, kw), with_kwargs=True)
         _WRAPPERS[model] = weakref.ref(self)
         try:
@@ -411,7 +412,9 @@ class IntervenableModel(nn.Module):
         (masks, positions, routing) as in the forward pass. Reentrant or not, the recompute then
         edits exactly as the forward did.
         """
-        for module in self.model.modules():
+        if self._checkpointable is None:  # modules that can checkpoint: found once, checked each call
+            self._checkpointable = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
+        for module in self._checkpointable:
             func = module.__dict__.get("_gradient_checkpointing_func")
             if func is None or getattr(func, "_reft_wrapped", False):
                 continue

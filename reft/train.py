@@ -40,7 +40,7 @@ from .interventions.base import OrthonormalRows
 
 _SCHEDULES = ("linear", "cosine", "constant")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_INPUTS = ("input_ids", "attention_mask", "prompt_mask", "positions")
+_INPUTS = ("input_ids", "attention_mask", "prompt_mask", "positions", "adapter_names")
 LOG_NAME = "log.jsonl"
 
 
@@ -65,6 +65,7 @@ class TrainConfig:
     output_dir: str | None = None  # log.jsonl and checkpoint-{step}/ go here; None: write nothing
     base_dropout: bool = False  # run the frozen base model in train mode while training (its own dropout on)
     group_by_length: bool = False  # batch examples of similar length (less padding, faster); order stays seeded
+    gradient_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1.3x the time
 
     def __post_init__(self):
         def bad(name: str, valid: str) -> ValueError:
@@ -94,6 +95,8 @@ class TrainConfig:
             raise bad("precision", f"one of {', '.join(_PRECISIONS)}")
         if not _is_int(self.seed):
             raise bad("seed", "an int")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise bad("gradient_checkpointing", "True or False")
         if self.save_every is not None and self.output_dir is None:
             raise ValueError(f"TrainConfig.save_every = {self.save_every}: checkpoints need an output_dir")
 
@@ -140,6 +143,8 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.collator = collator if collator is not None else Collator.for_data(train_data)
         self.compute_metrics = compute_metrics
+        if not getattr(rm, "hooked", True):
+            raise ValueError("rm was remove()d: its interventions no longer run; wrap the model again to train")
         self.params = [p for p in rm.trainable_parameters()]
         if not self.params:
             raise ValueError("rm has no trainable parameters: nothing to train")
@@ -149,6 +154,8 @@ class Trainer:
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             if data is not None:
                 _check_data(rm, data, name, self.world, self.config)
+        if self.config.gradient_checkpointing:
+            _enable_checkpointing(rm.model)
         self.ddp = _wrap_ddp(rm, self.device) if self.world > 1 else None
         self.optimizer = _optimizer(rm, self.config)
         self.total_steps = self.config.max_steps or max(1, math.ceil(self.config.epochs * self.steps_per_epoch))
@@ -293,31 +300,43 @@ class Trainer:
         if len(data) == 0:
             raise ValueError("eval data is empty")
         with _eval_mode(self.rm):
-            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, count, correct
-            predictions, targets, token_level, regression = [], [], False, False
             mine = list(range(self.rank, len(data), self.world))
-            b = self.config.batch_size
-            for i in range(0, len(mine), b):
-                batch = self.collator([data[j] for j in mine[i : i + b]])
-                batch = _to_device(batch, self.device)
-                with self._autocast():
-                    logits = _logits(self.rm, batch)
-                labels = batch["labels"]
-                token_level, regression = labels.dim() == 2, labels.is_floating_point()
-                sums[0] += _loss_from_logits(logits, labels).double()
-                sums[1] += _label_count(labels)
-                pred, target = _predictions(logits, labels)
-                if not target.is_floating_point():
-                    sums[2] += (pred == target).sum()
-                if self.compute_metrics is not None:
-                    predictions.append(pred)
-                    targets.append(target)
+            routed = isinstance(data[0], Mapping) and "adapter" in data[0]
+            names = sorted({str(data[j].get("adapter")) for j in range(len(data))}) if routed else [""]
+            sums = torch.zeros(len(names), 3, dtype=torch.float64, device=self.device)  # per adapter: loss, count, correct
+            predictions, targets, kinds = [], [], set()
+            for k, name in enumerate(names):  # batches of one adapter each, so each adapter is scored alone
+                group = [j for j in mine if not routed or str(data[j].get("adapter")) == name]
+                for i in range(0, len(group), self.config.batch_size):
+                    batch = _to_device(self.collator([data[j] for j in group[i : i + self.config.batch_size]]), self.device)
+                    with self._autocast():
+                        logits = _logits(self.rm, batch)
+                    labels = batch["labels"]
+                    kinds.add((labels.dim() == 2, labels.is_floating_point()))
+                    sums[k, 0] += _loss_from_logits(logits, labels).double()
+                    sums[k, 1] += _label_count(labels)
+                    pred, target = _predictions(logits, labels)
+                    if not target.is_floating_point():
+                        sums[k, 2] += (pred == target).sum()
+                    if self.compute_metrics is not None:
+                        predictions.append(pred)
+                        targets.append(target)
             if self.world > 1:
                 dist.all_reduce(sums)
-            loss, count, correct = sums.tolist()
-            result = {"eval_loss": loss / max(count, 1)}
-            if not regression:
-                result["eval_token_accuracy" if token_level else "eval_accuracy"] = correct / max(count, 1)
+            token_level, regression = kinds.pop() if kinds else (False, False)
+            accuracy = "token_accuracy" if token_level else "accuracy"
+
+            def scores(row: list[float], prefix: str) -> dict[str, float]:
+                loss, count, correct = row
+                out = {f"{prefix}loss": loss / max(count, 1)}
+                if not regression:
+                    out[f"{prefix}{accuracy}"] = correct / max(count, 1)
+                return out
+
+            result = scores(sums.sum(0).tolist(), "eval_")
+            if routed:
+                for name, row in zip(names, sums.tolist()):
+                    result.update(scores(row, f"eval_{name}_"))
             if self.compute_metrics is not None:
                 pred, target = (_gather(torch.cat(x)) if self.world > 1 else torch.cat(x) for x in (predictions, targets))
                 result.update({f"eval_{k}": float(v) for k, v in self.compute_metrics(pred.cpu(), target.cpu()).items()})
@@ -414,8 +433,13 @@ class Trainer:
         self.rm.train(training)
         if training and not self.config.base_dropout:
             self.rm.model.eval()
-            for path in getattr(self.rm, "head", []):
+            heads = {h for c in getattr(self.rm, "reft_config", {}).values() for h in c.head}
+            for path in heads:
                 self.rm.model.get_submodule(path).train()
+            if self.config.gradient_checkpointing:  # the checkpointed layers alone: their dropout stays off
+                for m in self.rm.model.modules():
+                    if getattr(m, "gradient_checkpointing", False) is True:
+                        m.training = True
 
     def _autocast(self):
         dtype = _PRECISIONS[self.config.precision]
@@ -569,8 +593,21 @@ def _wrap_ddp(rm: nn.Module, device: torch.device) -> nn.Module:
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Copy a CPU batch to `device`; pinned first on CUDA, so the copy does not stall the host."""
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Turn on the base model's gradient checkpointing (non-reentrant), or say why it cannot be."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"TrainConfig.gradient_checkpointing = True: {type(model).__name__} does not support gradient checkpointing"
+        )
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:

@@ -94,8 +94,9 @@ class IntervenableModel(nn.Module):
                 "rm.remove() on the other wrapper first"
             )
         self.model = model
+        peft_trainable = _peft_trainable(model)  # a peft model's LoRA (or other tuner) weights train with ours
         for p in model.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(id(p) in peft_trainable)
         self.adapters = nn.ModuleDict()  # name -> {site key: [intervention(s)]}
         self.reft_config: dict[str, ReftConfig] = {}  # name -> its config (hidden sizes filled in)
         self._hooks: dict[tuple[int, bool], _Hook] = {}
@@ -262,7 +263,10 @@ class IntervenableModel(nn.Module):
     # ================================================================= calls
     def forward(
         self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         *args: Any,
+        labels: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         adapter_names: Sequence[str | None] | None = None,
@@ -270,10 +274,14 @@ class IntervenableModel(nn.Module):
     ) -> Any:
         """Run the base model with the interventions; returns the base model's own output.
 
-        `prompt_mask` `[B, T]` (1 on prompt tokens) makes position specs count prompt tokens only;
-        `positions` `[B, P]` (-1 = none) gives explicit positions for every site; `adapter_names`
-        (one name or None per example) routes each example through its own adapter.
+        `input_ids`, `attention_mask`, `labels` and any other keyword go to the base model (which
+        computes its own loss from `labels`). `prompt_mask` `[B, T]` (1 on prompt tokens) makes
+        position specs count prompt tokens only; `positions` `[B, P]` (-1 = none) gives explicit
+        positions for every site; `adapter_names` (one name or None per example) routes each example
+        through its own adapter.
         """
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
         with self._calling(args, kwargs, positions=positions, prompt_mask=prompt_mask, adapter_names=adapter_names):
             return self.model(*args, **kwargs)
 
@@ -525,6 +533,53 @@ class IntervenableModel(nn.Module):
             for module, attr, value in saved:
                 object.__setattr__(module, attr, value)
 
+    # ================================================================= what model users expect
+    @property
+    def config(self):
+        """The base model's config (transformers' Trainer and pipeline read it)."""
+        return self.model.config
+
+    @property
+    def generation_config(self):
+        return getattr(self.model, "generation_config", None)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the base model's first weight (inputs go there)."""
+        return _first_device(self.model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.model, "main_input_name", "input_ids")
+
+    def can_generate(self) -> bool:
+        return bool(getattr(self.model, "can_generate", lambda: False)())
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The tensors the adapters own: every intervention's and the heads' (and a peft model's trainable
+        ones), not the frozen base, so that checkpoints written from it (transformers' Trainer) hold
+        only what training changed. `load_state_dict` restores them."""
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        owned = {f"{prefix}{name}" for name, p in self.named_parameters() if p.requires_grad}
+        owned |= {f"{prefix}{name}" for name, _ in self.adapters.named_buffers(prefix="adapters")}
+        return type(full)((k, v) for k, v in full.items() if k in owned)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load adapter tensors (as `state_dict` returns them; a full state dict with the base loads too)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        own = set(self.state_dict())
+        missing = [k for k in result.missing_keys if k in own]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for IntervenableModel: missing {missing}, unexpected {result.unexpected_keys}"
+            )
+        return torch.nn.modules.module._IncompatibleKeys(missing, result.unexpected_keys)
+
     # ================================================================= info
     def __getitem__(self, site: str) -> Intervention | tuple[Intervention, Intervention]:
         """The active adapter's intervention(s) at `site`."""
@@ -626,6 +681,13 @@ def _instances(interventions: Mapping[str, Any], config: ReftConfig) -> dict[str
             ivs.append(make_intervention(iv.name, **iv.config) if iv.name else type(iv)(**iv.config))
         built[site] = ivs
     return built
+
+
+def _peft_trainable(model: nn.Module) -> set[int]:
+    """Ids of a peft model's trainable (adapter) parameters; empty for any other model."""
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        return set()
+    return {id(p) for p in model.parameters() if p.requires_grad}
 
 
 def _head_module(model: nn.Module, path: str) -> nn.Module:

@@ -13,7 +13,6 @@ from .interventions import (
     register_intervention,
     registered_interventions,
 )
-from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .model import IntervenableModel
 from .positions import PositionSpec
 from .train import TrainConfig, Trainer
@@ -35,9 +34,6 @@ __all__ = [
     "registered_interventions",
     "IntervenableModel",
     "PositionSpec",
-    "save_training_checkpoint",
-    "load_training_checkpoint",
-    "latest_checkpoint",
     "TrainConfig",
     "Trainer",
     "data",

@@ -52,23 +52,27 @@ def gram_schmidt(w: torch.Tensor) -> torch.Tensor:
 
 ACTS = {None: lambda x: x, "tanh": torch.tanh}
 
-REFERENCES = {
-    # RED: h' = s ⊙ h + b
-    reft.RED: lambda p, h, act: p["scale"] * h + p["bias"],
-    # LoReFT: h' = h + Rᵀ(act(Wh + b) − Rh)
-    reft.LoReFT: lambda p, h, act: h
-    + (act(h @ p["W.weight"].T + p["W.bias"]) - h @ gram_schmidt(p["R.weight"]).T) @ gram_schmidt(p["R.weight"]),
-    # DiReFT: h' = h + W₂ᵀ act(W₁h + b)
-    reft.DiReFT: lambda p, h, act: h + act(h @ p["W1.weight"].T + p["W1.bias"]) @ p["W2"],
-    # NoReFT: h' = h + W₂ᵀ(act(W₁h + b) − W₂h)
-    reft.NoReFT: lambda p, h, act: h + (act(h @ p["W1.weight"].T + p["W1.bias"]) - h @ p["W2"].T) @ p["W2"],
-    # ConsReFT: h' = h + Rᵀ(b − Rh)
-    reft.ConsReFT: lambda p, h, act: h + (p["b"] - h @ gram_schmidt(p["R.weight"]).T) @ gram_schmidt(p["R.weight"]),
-    # LoBiReFT: h' = h + Rᵀb
-    reft.LoBiReFT: lambda p, h, act: h + p["b"] @ gram_schmidt(p["R.weight"]),
-    # OrthDiReFT: h' = h + Rᵀ act(Wh + b)
-    reft.OrthDiReFT: lambda p, h, act: h + act(h @ p["W.weight"].T + p["W.bias"]) @ gram_schmidt(p["R.weight"]),
-}
+
+def reference(cls, p: dict[str, torch.Tensor], h: torch.Tensor, act) -> torch.Tensor:
+    """`h'` by the docstring equation of `cls`, from its raw parameters `p` (name -> tensor)."""
+    R = gram_schmidt(p["R.weight"]) if "R.weight" in p else None
+    if cls is reft.RED:  # h' = s ⊙ h + b
+        return p["scale"] * h + p["bias"]
+    if cls is reft.LoReFT:  # h' = h + Rᵀ(act(Wh + b) − Rh)
+        return h + (act(h @ p["W.weight"].T + p["W.bias"]) - h @ R.T) @ R
+    if cls is reft.DiReFT:  # h' = h + W₂ᵀ act(W₁h + b)
+        return h + act(h @ p["W1.weight"].T + p["W1.bias"]) @ p["W2"]
+    if cls is reft.NoReFT:  # h' = h + W₂ᵀ(act(W₁h + b) − W₂h)
+        return h + (act(h @ p["W1.weight"].T + p["W1.bias"]) - h @ p["W2"].T) @ p["W2"]
+    if cls is reft.ConsReFT:  # h' = h + Rᵀ(b − Rh)
+        return h + (p["b"] - h @ R.T) @ R
+    if cls is reft.LoBiReFT:  # h' = h + Rᵀb
+        return h + p["b"] @ R
+    if cls is reft.OrthDiReFT:  # h' = h + Rᵀ act(Wh + b)
+        return h + act(h @ p["W.weight"].T + p["W.bias"]) @ R
+    raise AssertionError(f"no reference for {cls.__name__}")
+
+
 TAKES_ACT = [reft.LoReFT, reft.DiReFT, reft.NoReFT, reft.OrthDiReFT]
 
 
@@ -94,7 +98,7 @@ def params(iv) -> dict[str, torch.Tensor]:
 def test_forward_matches_the_equation(cls, act):
     iv = randomized(cls, **({"act": act} if cls in TAKES_ACT else {}))
     h = torch.randn(2, 5, 12, dtype=torch.float64)
-    expected = REFERENCES[cls](params(iv), h, ACTS[act])
+    expected = reference(cls, params(iv), h, ACTS[act])
     close(iv(h), expected)
 
 

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install assets test demo bench clean
+.PHONY: install assets test wheel-check demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,12 @@ assets: $(VENV)/.assets
 test: install assets
 	$(PY) -m pytest -q
 
+# The wheel as users get it: builds dist/ (sdist and wheel), installs the wheel into a fresh virtualenv
+# and runs the README quickstart there, outside the source tree (.ci/wheel-check).
+wheel-check: install
+	$(PIP) install -q build
+	bash .ci/wheel-check $(PY)
+
 # Trains the quickstart's pirate adapter on SmolLM2 (a few minutes on 2 CPU cores) and keeps it in
 # runs/quickstart: `.venv/bin/reft generate runs/quickstart --model builtin:smollm2 --prompt "Hi" --compare`
 demo: install assets
@@ -40,4 +46,4 @@ bench: install assets
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -13,7 +13,6 @@ from .interventions import (
     register_intervention,
     registered_interventions,
 )
-from .checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from .config import ReftConfig
 from .model import IntervenableModel, get_reft_model
 from .positions import PositionSpec
@@ -38,9 +37,6 @@ __all__ = [
     "ReftConfig",
     "get_reft_model",
     "PositionSpec",
-    "save_training_checkpoint",
-    "load_training_checkpoint",
-    "latest_checkpoint",
     "TrainConfig",
     "Trainer",
     "data",

@@ -6,6 +6,10 @@ model. The layer stack and its attention and MLP children are found from the mod
 per-architecture table: the stack is the `nn.ModuleList` of identical blocks holding the most
 parameters; the attention and MLP children are found by their usual names, then class names, and
 for models whose MLP is not one module (OPT, BERT) by its first and last linear layers.
+
+The components of `layers.{i}.{component}` are registered by name in `_COMPONENTS` (at the end of
+this module): each says how to find its module in a block and whether that module's input or
+output is edited. A new component is one line there, plus its finder if it needs a new one.
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
-
-COMPONENTS = ("block_input", "block_output", "attention_output", "mlp_input", "mlp_output")
 
 _LAYER_SITE = re.compile(r"(?:(encoder|decoder)\.)?layers\.(-?\d+)\.(.+)")
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "selfattention")
@@ -80,16 +83,10 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     if not 0 <= index < len(blocks):
         raise ValueError(f"site {name!r}: model has {len(blocks)} layers (0–{len(blocks) - 1})")
     block = blocks[index]
-    d = hidden_size_of(model)
-    if component == "block_input":
-        return Site(name, block, True, side, d)
-    if component == "block_output":
-        return Site(name, block, False, side, d)
-    if component == "attention_output":
-        return Site(name, _attention(block, name), False, side, d)
-    if component in ("mlp_input", "mlp_output"):
-        module = _mlp(block, component, d, name)
-        return Site(name, module, component == "mlp_input", side, d)
+    if component in _COMPONENTS:
+        d = hidden_size_of(model)
+        found = _COMPONENTS[component]
+        return Site(name, found.find(block, name, d), found.edits_input, side, d)
     try:
         module = block.get_submodule(component)
     except AttributeError:
@@ -116,7 +113,11 @@ def _module_path_site(model: nn.Module, name: str) -> Site:
     return Site(name, module, False, side, _output_size(module))
 
 
-def _attention(block: nn.Module, site: str) -> nn.Module:
+def _block(block: nn.Module, site: str, hidden_size: int) -> nn.Module:
+    return block
+
+
+def _attention(block: nn.Module, site: str, hidden_size: int | None = None) -> nn.Module:
     modules = list(block.named_modules())[1:]
     for path, module in modules:
         if path.split(".")[-1].lower() in _ATTENTION_NAMES:
@@ -127,8 +128,17 @@ def _attention(block: nn.Module, site: str) -> nn.Module:
     raise ValueError(f"site {site!r}: found no attention module in {type(block).__name__}")
 
 
-def _mlp(block: nn.Module, component: str, hidden_size: int, site: str) -> nn.Module:
-    """The MLP module of a block, or for `mlp_input` / `mlp_output` its first / last linear layer."""
+def _mlp_input(block: nn.Module, site: str, hidden_size: int) -> nn.Module:
+    """The MLP module of a block, or where it is not one module, its first linear layer from `d`."""
+    return _mlp(block, site, hidden_size, first=True)
+
+
+def _mlp_output(block: nn.Module, site: str, hidden_size: int) -> nn.Module:
+    """The MLP module of a block, or where it is not one module, its last linear layer to `d`."""
+    return _mlp(block, site, hidden_size, first=False)
+
+
+def _mlp(block: nn.Module, site: str, hidden_size: int, first: bool) -> nn.Module:
     modules = list(block.named_modules())[1:]
     for path, module in modules:
         if path.split(".")[-1].lower() in _MLP_NAMES:
@@ -139,7 +149,7 @@ def _mlp(block: nn.Module, component: str, hidden_size: int, site: str) -> nn.Mo
     attention = _attention(block, site)
     inside_attention = {id(m) for m in attention.modules()}
     linears = [m for _, m in modules if isinstance(m, nn.Linear) and id(m) not in inside_attention]
-    if component == "mlp_input":
+    if first:
         found = [m for m in linears if m.in_features == hidden_size]
         pick = found[0] if found else None
     else:
@@ -161,3 +171,24 @@ def _output_size(module: nn.Module) -> int | None:
 def _example_path(block: nn.Module) -> str:
     paths = [p for p, m in block.named_modules() if p and isinstance(m, nn.Linear)]
     return paths[-1] if paths else "mlp"
+
+
+@dataclass(frozen=True)
+class _Component:
+    """A part of a layer block: `find(block, site, hidden_size)` returns the module whose input
+    (`edits_input`) or output an intervention edits; `site` is for error messages."""
+
+    find: Callable[[nn.Module, str, int], nn.Module]
+    edits_input: bool
+
+
+# `layers.{i}.<component>`, in the order error messages list them.
+_COMPONENTS = {
+    "block_input": _Component(_block, edits_input=True),  # the residual stream entering the block
+    "block_output": _Component(_block, edits_input=False),
+    "attention_input": _Component(_attention, edits_input=True),  # after the pre-attention norm, if any
+    "attention_output": _Component(_attention, edits_input=False),  # before the residual add
+    "mlp_input": _Component(_mlp_input, edits_input=True),
+    "mlp_output": _Component(_mlp_output, edits_input=False),
+}
+COMPONENTS = tuple(_COMPONENTS)  # the valid component names

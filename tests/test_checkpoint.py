@@ -481,7 +481,7 @@ def test_training_checkpoint_resumes_bit_identical(tmp_path):
 
     random.seed(123), np.random.seed(123)  # a new process would start elsewhere
     rm2, optimizer2, scheduler2 = _trainable(seed=7)
-    state = reft.load_training_checkpoint(reft.latest_checkpoint(tmp_path), rm2, optimizer2, scheduler2)
+    state = ck.load_training_checkpoint(ck.latest_checkpoint(tmp_path), rm2, optimizer2, scheduler2)
     assert state == {"step": 3, "epoch": 0}
     _train(rm2, optimizer2, scheduler2, 3)
     got = [p.detach() for p in rm2.trainable_parameters()]
@@ -543,16 +543,16 @@ def test_training_state_must_be_json(tmp_path):
 
 
 def test_latest_checkpoint(tmp_path):
-    assert reft.latest_checkpoint(tmp_path / "missing") is None
-    assert reft.latest_checkpoint(tmp_path) is None
+    assert ck.latest_checkpoint(tmp_path / "missing") is None
+    assert ck.latest_checkpoint(tmp_path) is None
     rm, optimizer, scheduler = _trainable(seed=0)
     for step in (5, 20, 100):
         ck.save_training_checkpoint(tmp_path / f"checkpoint-{step}", rm, optimizer, scheduler, {"step": step})
     (tmp_path / ".checkpoint-300.tmp-abc").mkdir()  # an interrupted save
     (tmp_path / "checkpoint-200").mkdir()  # not a complete checkpoint
     (tmp_path / "checkpoint-final").mkdir()
-    assert reft.latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
-    assert ck.load_training_checkpoint(reft.latest_checkpoint(tmp_path), rm, optimizer, scheduler) == {"step": 100}
+    assert ck.latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-100")
+    assert ck.load_training_checkpoint(ck.latest_checkpoint(tmp_path), rm, optimizer, scheduler) == {"step": 100}
 
 
 # ------------------------------------------------------------------ safety

@@ -1,10 +1,14 @@
+import inspect
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import reft
-from reft.interventions.base import OrthonormalRows
+from reft.interventions.base import OrthonormalRows, as_dtype
 
 RANKED = [reft.LoReFT, reft.DiReFT, reft.NoReFT, reft.ConsReFT, reft.LoBiReFT, reft.OrthDiReFT]
 ALL = [reft.RED, *RANKED]
@@ -28,13 +32,152 @@ def test_red_is_scale_and_bias():
     torch.testing.assert_close(red(h), torch.tensor([1.5, 2.5, 3.5, 4.5]).expand(3, 4))
 
 
-def test_loreft_matches_reference_equation():
-    iv = reft.LoReFT(8, 2)
-    h = torch.randn(5, 8, dtype=torch.float64)
-    R = iv.R().double()
-    W, b = iv.W.weight.double(), iv.W.bias.double()
-    expected = h + (h @ W.T + b - h @ R.T) @ R  # h + Rᵀ(Wh + b − Rh), row-vector form
-    torch.testing.assert_close(iv(h), expected, rtol=1e-5, atol=1e-5)
+# ---------------------------------------------------------------- equations against a reference
+# Each intervention's forward against its docstring's equation, computed here with plain float64
+# torch ops from the module's raw parameters. R's parameter is a random (not orthonormal) matrix and
+# the reference orthonormalizes it by Gram-Schmidt, so the map from `R.weight` to R is checked too.
+# Tolerance 1e-5: `OrthonormalRows` runs its QR in float32 whatever the parameters' dtype.
+# Row-vector form: `h @ M.T` is `Mh`, `z @ R` is `Rᵀz`.
+
+
+def gram_schmidt(w: torch.Tensor) -> torch.Tensor:
+    """The rows of `w` `[r, d]` made orthonormal one by one (classical Gram-Schmidt), in order."""
+    rows = []
+    for v in w:
+        for u in rows:
+            v = v - (v @ u) * u
+        rows.append(v / v.norm())
+    return torch.stack(rows)
+
+
+ACTS = {None: lambda x: x, "tanh": torch.tanh}
+
+
+def reference(cls, p: dict[str, torch.Tensor], h: torch.Tensor, act) -> torch.Tensor:
+    """`h'` by the docstring equation of `cls`, from its raw parameters `p` (name -> tensor)."""
+    R = gram_schmidt(p["R.weight"]) if "R.weight" in p else None
+    if cls is reft.RED:  # h' = s ⊙ h + b
+        return p["scale"] * h + p["bias"]
+    if cls is reft.LoReFT:  # h' = h + Rᵀ(act(Wh + b) − Rh)
+        return h + (act(h @ p["W.weight"].T + p["W.bias"]) - h @ R.T) @ R
+    if cls is reft.DiReFT:  # h' = h + W₂ᵀ act(W₁h + b)
+        return h + act(h @ p["W1.weight"].T + p["W1.bias"]) @ p["W2"]
+    if cls is reft.NoReFT:  # h' = h + W₂ᵀ(act(W₁h + b) − W₂h)
+        return h + (act(h @ p["W1.weight"].T + p["W1.bias"]) - h @ p["W2"].T) @ p["W2"]
+    if cls is reft.ConsReFT:  # h' = h + Rᵀ(b − Rh)
+        return h + (p["b"] - h @ R.T) @ R
+    if cls is reft.LoBiReFT:  # h' = h + Rᵀb
+        return h + p["b"] @ R
+    if cls is reft.OrthDiReFT:  # h' = h + Rᵀ act(Wh + b)
+        return h + act(h @ p["W.weight"].T + p["W.bias"]) @ R
+    raise AssertionError(f"no reference for {cls.__name__}")
+
+
+TAKES_ACT = [reft.LoReFT, reft.DiReFT, reft.NoReFT, reft.OrthDiReFT]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def randomized(cls, d=12, rank=3, seed=0, **kw):
+    """`cls` in float64 with every parameter redrawn from N(0, 1): no init value hides a term."""
+    torch.manual_seed(seed)
+    iv = build(cls, d=d, rank=rank, dtype="float64", **kw).eval()
+    with torch.no_grad():
+        for param in iv.parameters():
+            param.copy_(torch.randn_like(param))
+    return iv
+
+
+def params(iv) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in iv.named_parameters()}
+
+
+@pytest.mark.parametrize("cls,act", [(cls, None) for cls in ALL] + [(cls, "tanh") for cls in TAKES_ACT])
+def test_forward_matches_the_equation(cls, act):
+    iv = randomized(cls, **({"act": act} if cls in TAKES_ACT else {}))
+    h = torch.randn(2, 5, 12, dtype=torch.float64)
+    expected = reference(cls, params(iv), h, ACTS[act])
+    close(iv(h), expected)
+
+
+def test_gram_schmidt_reference_is_orthonormal():  # the reference itself, on a known case
+    w = torch.tensor([[3.0, 4.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    second = torch.tensor([0.16, -0.12, 1.0], dtype=torch.float64) / 1.04**0.5  # [1, 1, 1] − 1.4 · first, normalized
+    torch.testing.assert_close(gram_schmidt(w), torch.stack([torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64), second]))
+
+
+# ---------------------------------------------------------------- known values the papers define
+
+
+def test_loreft_sets_the_projection_on_r_to_wh_plus_b_and_keeps_the_rest():
+    """LoReFT's edit (paper, eq. 2): `R h' = Wh + b`; the part of h orthogonal to R's rows is untouched."""
+    iv = randomized(reft.LoReFT)
+    p, h = params(iv), torch.randn(7, 12, dtype=torch.float64)
+    R = gram_schmidt(p["R.weight"])
+    out = iv(h)
+    close(out @ R.T, h @ p["W.weight"].T + p["W.bias"])
+    complement = torch.eye(12, dtype=torch.float64) - R.T @ R
+    close(out @ complement, h @ complement)
+
+
+def test_loreft_with_w_equal_to_r_and_no_bias_is_the_identity():
+    iv = randomized(reft.LoReFT)
+    with torch.no_grad():
+        iv.R.weight.copy_(gram_schmidt(iv.R.weight.detach()))  # already orthonormal: R = weight
+        iv.W.weight.copy_(iv.R.weight)
+        iv.W.bias.zero_()
+    h = torch.randn(7, 12, dtype=torch.float64)
+    close(iv(h), h)
+
+
+def test_noreft_with_w1_equal_to_w2_and_no_bias_is_the_identity():
+    iv = randomized(reft.NoReFT)
+    with torch.no_grad():
+        iv.W1.weight.copy_(iv.W2)
+        iv.W1.bias.zero_()
+    h = torch.randn(7, 12, dtype=torch.float64)
+    close(iv(h), h)
+
+
+@pytest.mark.parametrize("cls,weight,bias", [(reft.DiReFT, "W1", "W1"), (reft.OrthDiReFT, "W", "W")])
+def test_direft_with_zero_w_and_b_is_the_identity(cls, weight, bias):
+    iv = randomized(cls, act="tanh")
+    with torch.no_grad():
+        getattr(iv, weight).weight.zero_()
+        getattr(iv, bias).bias.zero_()
+    h = torch.randn(7, 12, dtype=torch.float64)
+    close(iv(h), h)
+
+
+def test_consreft_sets_the_projection_on_r_to_b():
+    """ConsReFT: `R h' = b` for every h; the part orthogonal to R's rows is untouched."""
+    iv = randomized(reft.ConsReFT)
+    p, h = params(iv), torch.randn(7, 12, dtype=torch.float64)
+    R = gram_schmidt(p["R.weight"])
+    out = iv(h)
+    close(out @ R.T, p["b"].expand(7, 3))
+    complement = torch.eye(12, dtype=torch.float64) - R.T @ R
+    close(out @ complement, h @ complement)
+
+
+def test_lobireft_moves_every_h_by_b_along_r_and_is_the_identity_at_b_zero():
+    iv = randomized(reft.LoBiReFT)
+    p, h = params(iv), torch.randn(7, 12, dtype=torch.float64)
+    R = gram_schmidt(p["R.weight"])
+    close((iv(h) - h) @ R.T, p["b"].expand(7, 3))
+    with torch.no_grad():
+        iv.b.zero_()
+    close(iv(h), h)
+
+
+def test_orth_direft_keeps_the_part_orthogonal_to_r():
+    iv = randomized(reft.OrthDiReFT, act="tanh")
+    p, h = params(iv), torch.randn(7, 12, dtype=torch.float64)
+    R = gram_schmidt(p["R.weight"])
+    complement = torch.eye(12, dtype=torch.float64) - R.T @ R
+    close(iv(h) @ complement, h @ complement)
 
 
 @pytest.mark.parametrize("cls", [reft.LoReFT, reft.ConsReFT, reft.LoBiReFT, reft.OrthDiReFT])
@@ -140,6 +283,49 @@ def test_register_a_custom_intervention():
         reft.register_intervention("test_registry_shift")(type("Other", (reft.Intervention,), {}))
     with pytest.raises(TypeError, match="subclass of reft.Intervention"):
         reft.register_intervention("not_a_module")(object)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A scratch registry: the classes a test registers are gone after it."""
+    from reft.interventions import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+
+def test_config_records_arguments_left_out_of_super_init(registry):
+    @reft.register_intervention("test_config_scaled")
+    class Scaled(reft.Intervention):
+        def __init__(self, hidden_size: int, factor: float = 1.0, dtype: torch.dtype | str = torch.float32):
+            super().__init__(hidden_size)  # factor and dtype left out: still recorded
+            self.factor = factor
+            self.v = nn.Parameter(torch.ones(hidden_size, dtype=as_dtype(dtype)))
+
+        def forward(self, h):
+            return (h.to(self.v.dtype) * self.v * self.factor).to(h.dtype)
+
+    iv = Scaled(4, 3.0, dtype=torch.float64)  # positional arguments are recorded by name
+    assert iv.config == {"hidden_size": 4, "factor": 3.0, "dtype": "float64"}
+    again = reft.make_intervention(iv.name, **json.loads(json.dumps(iv.config)))  # as an adapter stores it
+    assert again.factor == 3.0 and again.v.dtype == torch.float64
+    h = torch.randn(2, 4)
+    assert torch.equal(again(h), iv(h)) and torch.equal(iv(h), h * 3.0)
+    assert list(inspect.signature(Scaled).parameters) == ["hidden_size", "factor", "dtype"]  # recipes check it
+
+
+def test_config_of_a_subclass_of_a_subclass_and_of_keyword_arguments(registry):
+    @reft.register_intervention("test_config_wide_red")
+    class WideRED(reft.RED):
+        def __init__(self, hidden_size: int, init_scale: float = 2.0, **extra):
+            super().__init__(hidden_size, dtype="float64")
+            with torch.no_grad():
+                self.scale.fill_(init_scale)
+            self.extra = extra
+
+    iv = WideRED(4, tag="x")
+    assert iv.config == {"hidden_size": 4, "init_scale": 2.0, "tag": "x"}  # WideRED's arguments, not RED's
+    again = reft.make_intervention("test_config_wide_red", **iv.config)
+    assert again.extra == {"tag": "x"} and torch.equal(again.scale, torch.full((4,), 2.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

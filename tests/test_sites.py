@@ -6,7 +6,7 @@ from reft.sites import find_stacks, resolve_site
 
 from . import tiny
 
-COMPONENTS = ["block_output", "mlp_output", "attention_output", "block_input", "mlp_input"]
+COMPONENTS = ["block_output", "mlp_output", "attention_output", "block_input", "mlp_input", "attention_input"]
 MODELS = [(arch, "causal") for arch in tiny.CAUSAL] + [(arch, "classifier") for arch in tiny.CAUSAL + tiny.ENCODERS]
 
 
@@ -66,12 +66,45 @@ def test_module_paths_inside_a_block_and_in_the_model():
     assert site.module is model.model.layers[0].self_attn.o_proj and not site.edits_input
 
 
+@pytest.mark.parametrize("arch,head", [("llama", "causal"), ("gpt2", "causal"), ("bert", "classifier")])
+def test_attention_input_edits_what_the_attention_module_receives(arch, head):
+    """RED `s ⊙ h + b` at `attention_input`: the attention module sees exactly its old input, edited."""
+    model = build(arch, head).eval()
+    attention = resolve_site(model, "layers.1.attention_output").module
+    site = resolve_site(model, "layers.1.attention_input")
+    assert site.module is attention and site.edits_input and site.hidden_size == tiny.HIDDEN
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    ids, mask = tiny.padded_batch([6, 4], side="right")
+    handle = attention.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        red = reft.RED(tiny.HIDDEN)
+        red.scale.copy_(torch.linspace(0.5, 2.0, tiny.HIDDEN))
+        red.bias.copy_(torch.linspace(-1.0, 1.0, tiny.HIDDEN))
+        rm = reft.IntervenableModel(model, {"layers.1.attention_input": red}, positions="all")
+        handle.remove()
+        handle = attention.register_forward_pre_hook(record, with_kwargs=True)  # after rm's: sees the edit
+        rm(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    before, after = seen
+    s, b = torch.linspace(0.5, 2.0, tiny.HIDDEN), torch.linspace(-1.0, 1.0, tiny.HIDDEN)
+    torch.testing.assert_close(after, before * s + b)
+
+
 @pytest.mark.parametrize(
     "site,message",
     [
         ("layers.2.block_output", r"site 'layers\.2\.block_output': model has 2 layers \(0–1\)"),
         ("layers.-1.block_output", r"model has 2 layers \(0–1\)"),
-        ("layers.0.mlp_out", r"unknown component 'mlp_out'; valid: block_input, block_output, attention_output"),
+        (
+            "layers.0.mlp_out",
+            r"unknown component 'mlp_out'; valid: block_input, block_output, attention_input, attention_output, "
+            r"mlp_input, mlp_output, or a module path inside the block such as 'mlp\.down_proj'",
+        ),
         ("model.layers.0.mlpp", r"no module 'model\.layers\.0\.mlpp' in LlamaForCausalLM.*did you mean 'model\.layers\.0\.mlp'"),
         ("encoder.layers.0.block_output", r"no encoder layer stack"),
     ],

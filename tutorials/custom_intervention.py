@@ -1,9 +1,9 @@
 """Writing your own intervention: a short class, registered by name, trained, saved and reloaded.
 
 An intervention is an `nn.Module` that maps hidden states `[..., d] -> [..., d]`. Subclass
-`reft.Intervention`, pass every constructor argument to `super().__init__` (that is what an adapter
-on disk records), and register the class under a name: configs, recipes and adapters refer to it by
-that name, and loading an adapter builds only registered classes, never code named in a file.
+`reft.Intervention` (its constructor's arguments are recorded from its signature: that is what an
+adapter on disk stores), and register the class under a name: configs, recipes and adapters refer to
+it by that name, and loading an adapter builds only registered classes, never code named in a file.
 
 Here: a gated steering vector, `h' = h + σ(wᵀh + c) · v`, which adds one learned direction `v` to
 the hidden state, as much as the state's projection on `w` calls for. It is trained on the first
@@ -36,7 +36,7 @@ class GatedSteer(reft.Intervention):
     """
 
     def __init__(self, hidden_size: int, init_gate: float = 0.0):
-        super().__init__(hidden_size=hidden_size, init_gate=init_gate)  # every argument: adapters record them
+        super().__init__(hidden_size)  # self.config records every argument, init_gate included
         self.gate = nn.Linear(hidden_size, 1)  # w, c
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, init_gate)

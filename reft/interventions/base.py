@@ -7,6 +7,8 @@ loading an adapter can only ever build classes that were registered in this proc
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -29,10 +31,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class Intervention(nn.Module):
     """Base class: `forward(h)` maps hidden states `[..., hidden_size] -> [..., hidden_size]`.
 
-    Subclasses call `super().__init__(hidden_size=..., **their_other_args)` with every constructor
-    argument, as JSON-friendly values: `self.config` then rebuilds the same intervention
-    (`make_intervention(self.name, **self.config)`), which is what adapters on disk store.
-    The output has the dtype of `h`, whatever the dtype of the parameters.
+    `self.config` is recorded from the constructor's signature: every argument of the subclass's
+    `__init__`, defaults applied, a dtype by its name. `make_intervention(self.name, **self.config)`
+    then rebuilds the same intervention, which is what adapters on disk store, so the arguments
+    must be JSON-friendly values. Subclasses call `super().__init__(hidden_size)`; passing their
+    other arguments too, as older subclasses do, changes nothing. The output has the dtype of `h`,
+    whatever the dtype of the parameters.
     """
 
     name: str = ""  # set by @register_intervention
@@ -42,9 +46,32 @@ class Intervention(nn.Module):
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         self.hidden_size = hidden_size
-        if "dtype" in config:
-            config["dtype"] = _dtype_name(config["dtype"])
-        self.config = {"hidden_size": hidden_size, **config}
+        self.config = _recorded({"hidden_size": hidden_size, **config})  # a subclass's __init__ replaces it
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:  # inherits a constructor that already records
+            return
+        signature = inspect.signature(init)
+        if any(p.kind is p.VAR_POSITIONAL for p in signature.parameters.values()):
+            return  # `*args` cannot be rebuilt by keyword: the constructor it delegates to records
+
+        @functools.wraps(init)  # keeps the signature for inspect (recipes check arguments against it)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            config = {}
+            for key, value in list(bound.arguments.items())[1:]:  # [0] is self
+                if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+                    config.update(value)
+                else:
+                    config[key] = value
+            # The outermost constructor finishes last: a subclass of a subclass records its own arguments.
+            self.config = _recorded(config)
+
+        cls.__init__ = __init__
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -101,6 +128,13 @@ def activation(name: str | None) -> nn.Module:
     if key not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; valid: None, {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[key]()
+
+
+def _recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments as `self.config` keeps them: the dtype by its name."""
+    if config.get("dtype") is not None:
+        config["dtype"] = _dtype_name(config["dtype"])
+    return config
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:

@@ -15,7 +15,7 @@ class ConsReFT(Intervention):
     def __init__(
         self, hidden_size: int, rank: int, dropout: float = 0.0, dtype: torch.dtype | str = torch.float32
     ):
-        super().__init__(hidden_size=hidden_size, rank=rank, dropout=dropout, dtype=dtype)
+        super().__init__(hidden_size)
         check_rank(rank, hidden_size)
         dt = as_dtype(dtype)
         self.R = OrthonormalRows(rank, hidden_size, dtype=dt)

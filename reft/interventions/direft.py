@@ -22,7 +22,7 @@ class DiReFT(Intervention):
         act: str | None = None,
         dtype: torch.dtype | str = torch.float32,
     ):
-        super().__init__(hidden_size=hidden_size, rank=rank, dropout=dropout, act=act, dtype=dtype)
+        super().__init__(hidden_size)
         check_rank(rank, hidden_size)
         dt = as_dtype(dtype)
         self.W1 = nn.Linear(hidden_size, rank, dtype=dt)

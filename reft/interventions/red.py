@@ -14,7 +14,7 @@ class RED(Intervention):
     """
 
     def __init__(self, hidden_size: int, dtype: torch.dtype | str = torch.float32):
-        super().__init__(hidden_size=hidden_size, dtype=dtype)
+        super().__init__(hidden_size)
         dt = as_dtype(dtype)
         self.scale = nn.Parameter(torch.ones(hidden_size, dtype=dt))  # s: [d]
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dt))  # b: [d]

@@ -41,6 +41,7 @@ from .interventions.base import Intervention
 from .sites import find_stacks, hidden_size_of, resolve_site
 
 DEFAULT_ADAPTER = "default"  # the adapter saved at a folder's root; others go in sub-folders named after them
+PEFT_FOLDER = "peft"  # where a peft base model's own adapter is saved beside ours
 FORMAT_VERSION = 1  # bump when a reader of the previous version could misread a new adapter
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,6 +100,8 @@ def _write_adapters(rm, folder: Path) -> None:
         target = folder if name == DEFAULT_ADAPTER else folder / name
         target.mkdir(exist_ok=True)
         _write_adapter(rm, target, name)
+    if hasattr(rm.model, "peft_config") and hasattr(rm.model, "save_pretrained"):
+        rm.model.save_pretrained(str(folder / PEFT_FOLDER))  # LoRA (or another peft tuner) trained beside
 
 
 def _write_adapter(rm, folder: Path, name: str = "default") -> None:
@@ -131,23 +134,41 @@ def _adapter_config(rm, name: str = "default") -> dict:
 
 
 def _fingerprint(model: nn.Module, sites) -> dict:
-    """What an adapter needs of its base model: type, sizes, and the shapes of the edited modules."""
-    config = model.config
-    paths = {id(m): p for p, m in model.named_modules()}
+    """What an adapter needs of its base model: type, sizes, and the shapes of the edited modules.
+
+    A peft model is fingerprinted as the base model under it (paths and shapes without peft's
+    wrappers and adapter weights), so an adapter trained with LoRA loads on the plain base and back.
+    """
+    base = _base_of(model)
+    config = base.config
+    paths = {id(m): p for p, m in base.named_modules()}
     return {
         "model_type": getattr(config, "model_type", None),
-        "architecture": type(model).__name__,
+        "architecture": type(base).__name__,
         "name_or_path": getattr(config, "_name_or_path", None) or None,  # informative only: never checked
-        "hidden_size": hidden_size_of(model),
-        "num_layers": _num_layers(model),
+        "hidden_size": hidden_size_of(base),
+        "num_layers": _num_layers(base),
         "modules": {
-            site.name: {
-                "path": paths.get(id(site.module)),
-                "shapes": {n: list(p.shape) for n, p in site.module.named_parameters()},
-            }
-            for site in sites
+            site.name: {"path": paths.get(id(site.module)), "shapes": _shapes(site.module, model)} for site in sites
         },
     }
+
+
+def _base_of(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft model; any other model itself."""
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
+def _shapes(module: nn.Module, model: nn.Module) -> dict[str, list[int]]:
+    """`{parameter: shape}` of a module, without a peft model's adapter weights and wrapper names."""
+    tuners = set(getattr(model, "peft_config", {}) or {})  # peft's adapter names, e.g. "default"
+    shapes = {}
+    for name, p in module.named_parameters():
+        parts = name.split(".")
+        if tuners & set(parts):  # lora_A.default.weight and the like
+            continue
+        shapes[".".join(x for x in parts if x != "base_layer")] = list(p.shape)
+    return shapes
 
 
 def _num_layers(model: nn.Module) -> int | dict[str, int]:
@@ -429,7 +450,7 @@ def _check_sites(model: nn.Module, config: ReftConfig, raw: dict, folder: Path) 
             raise ValueError(f"{folder}: {e}") from None
         recorded = modules.get(site, {}).get("shapes") if isinstance(modules.get(site), dict) else None
         if isinstance(recorded, dict):
-            mine = {n: list(p.shape) for n, p in resolved.module.named_parameters()}
+            mine = _shapes(resolved.module, model)
             if sorted(map(str, recorded.values())) != sorted(map(str, mine.values())):
                 diff = {n: (recorded.get(n), mine.get(n)) for n in set(recorded) | set(mine) if recorded.get(n) != mine.get(n)}
                 raise ValueError(

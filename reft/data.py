@@ -314,7 +314,7 @@ class Collator:
         arange = torch.arange(T).unsqueeze(0)  # [1, T]
         start = offset.unsqueeze(1)  # [B, 1]
         attention_mask = (arange >= start) & (arange < start + lengths.unsqueeze(1))
-        prompt_length = torch.stack([e["prompt_length"] for e in examples]).unsqueeze(1)  # [B, 1]
+        prompt_length = torch.stack([_prompt_length(e) for e in examples]).unsqueeze(1)  # [B, 1]
         prompt_mask = (arange >= start) & (arange < start + prompt_length)
         batch = {
             "input_ids": input_ids,
@@ -369,6 +369,19 @@ def _rows(data: Iterable[Any], prompt_key: str, response_key: str, positions_key
         yield prompt, response, positions, adapter
     if count == 0:
         raise ValueError("the dataset is empty: give at least one (prompt, response) pair")
+
+
+def _prompt_length(example: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The example's `prompt_length`, or, where a caller dropped it (transformers' Trainer keeps only
+    the columns a forward takes), what the builders set it to: the tokens before the first labelled
+    one (generation), or the whole text (classification)."""
+    if "prompt_length" in example:
+        return torch.as_tensor(example["prompt_length"])
+    labels, n = example["labels"], len(example["input_ids"])
+    if labels.dim() == 0:
+        return torch.tensor(n)
+    labelled = (labels != IGNORE_INDEX).nonzero()
+    return labelled[0, 0] if len(labelled) else torch.tensor(n)
 
 
 def _check_adapter(i: int, adapter: Any) -> str | None:

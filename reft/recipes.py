@@ -517,10 +517,9 @@ def head_path(recipe: Recipe, model) -> str | list[str] | None:
     raise RecipeError(f"intervention.head: found no classifier head in {type(model).__name__}; name its module path")
 
 
-def build_intervenable(recipe: Recipe, model):
-    """The `IntervenableModel` of the recipe on `model` (weights loaded, or on the meta device)."""
-    from .interventions.base import make_intervention
-    from .model import IntervenableModel
+def reft_config(recipe: Recipe, model) -> "ReftConfig":
+    """The recipe's adapter as a `ReftConfig` for `model` (sites from `sites`, or `layers` x `component`)."""
+    from .config import ReftConfig
     from .sites import find_stacks, hidden_size_of
 
     iv = recipe.intervention
@@ -534,16 +533,25 @@ def build_intervenable(recipe: Recipe, model):
                 "name the sites instead, e.g. sites: [encoder.layers.0.block_output]"
             )
         names = recipe.site_names(len(stacks[""][1]))
-    hidden_size = hidden_size_of(model)
-    interventions = {}
-    for name in names:
-        try:
-            interventions[name] = make_intervention(iv.type, **recipe.intervention_kwargs(hidden_size))
-        except (TypeError, ValueError) as e:
-            raise RecipeError(f"intervention: cannot build {iv.type!r}: {e}") from None
+    entry = {"name": iv.type, **recipe.intervention_kwargs(hidden_size_of(model))}
+    head = head_path(recipe, model)
     try:
-        return IntervenableModel(model, interventions, positions=iv.positions, tied=iv.tied, head=head_path(recipe, model))
+        return ReftConfig({name: dict(entry) for name in names}, positions=iv.positions, tied=iv.tied, head=head)
     except ValueError as e:
+        raise RecipeError(f"intervention: {e}") from None
+
+
+def build_intervenable(recipe: Recipe, model):
+    """The `IntervenableModel` of the recipe on `model` (weights loaded, or on the meta device)."""
+    from .model import get_reft_model
+
+    config = reft_config(recipe, model)
+    try:
+        return get_reft_model(model, config)
+    except (TypeError, ValueError) as e:
+        iv = recipe.intervention
+        if "cannot build" in str(e) or "unknown intervention" in str(e):
+            raise RecipeError(f"intervention: {e}") from None
         key = "intervention.sites" if iv.sites else "intervention.layers/component"
         raise RecipeError(f"{key}: {e}") from None
 

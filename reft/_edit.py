@@ -45,12 +45,10 @@ class Unit:
         """Whether, in generation mode `mode`, this unit also edits each generated token."""
         return mode == "every_token" and (self.part == "all" or (self.part in ("both", "suffix") and self.spec.last > 0))
 
-    @property
-    def group_key(self) -> tuple:
-        """Units with equal keys compute the same function of different weights: they batch together."""
-        iv = self.intervention
-        config = json.dumps(iv.config, sort_keys=True, default=str)
-        return (type(iv), config, self.part, self.max_norm)
+    def __post_init__(self):
+        # Units with equal keys compute the same function of different weights: they batch together.
+        config = json.dumps(self.intervention.config, sort_keys=True, default=str)
+        self.group_key = (type(self.intervention), config, self.part, self.max_norm)
 
 
 def units_of(adapter: str, site: Site, spec: PositionSpec, interventions: list[Intervention], max_norm: float | None) -> list[Unit]:

@@ -7,18 +7,15 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from .interventions.red import RED
 
-if TYPE_CHECKING:
-    from .model import IntervenableModel
 
-
-def merge(rm: "IntervenableModel") -> nn.Module:
+def merge(rm: nn.Module) -> nn.Module:
     """A copy of `rm.model` with every RED site folded into the linear layer before it.
 
     Each site must hold a `RED` on positions `"all"` and edit the output of a module whose output is

@@ -86,7 +86,8 @@ def resolve_site(model: nn.Module, name: str) -> Site:
     if component in _COMPONENTS:
         d = hidden_size_of(model)
         found = _COMPONENTS[component]
-        return Site(name, found.find(block, name, d), found.edits_input, side, d)
+        module = found.find(block, name, d)
+        return Site(name, module, found.edits_input, side, found.size(module) if found.size else d)
     try:
         module = block.get_submodule(component)
     except AttributeError:
@@ -126,6 +127,27 @@ def _attention(block: nn.Module, site: str, hidden_size: int | None = None) -> n
         if "attention" in type(module).__name__.lower():
             return module
     raise ValueError(f"site {site!r}: found no attention module in {type(block).__name__}")
+
+
+def _attention_projection(block: nn.Module, site: str, hidden_size: int) -> nn.Module:
+    """The attention's output projection (`o_proj`, `out_proj`, `c_proj`, `output.dense`, ...): the last
+    linear layer in the attention module that maps to the hidden size. Its input is the heads' outputs."""
+    attention = _attention(block, site)
+    found = [m for m in attention.modules() if _is_linear(m) and _linear_sizes(m)[1] == hidden_size]
+    if not found:
+        raise ValueError(f"site {site!r}: found no output projection in {type(attention).__name__}")
+    return found[-1]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"  # transformers' Conv1D: GPT-2
+
+
+def _linear_sizes(module: nn.Module) -> tuple[int, int]:
+    """`(in, out)` features of an `nn.Linear` or a GPT-2 `Conv1D` (weight `[in, out]`)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]
 
 
 def _mlp_input(block: nn.Module, site: str, hidden_size: int) -> nn.Module:
@@ -180,6 +202,7 @@ class _Component:
 
     find: Callable[[nn.Module, str, int], nn.Module]
     edits_input: bool
+    size: Callable[[nn.Module], int] | None = None  # the edited tensor's last size; None: the hidden size
 
 
 # `layers.{i}.<component>`, in the order error messages list them.
@@ -188,6 +211,8 @@ _COMPONENTS = {
     "block_output": _Component(_block, edits_input=False),
     "attention_input": _Component(_attention, edits_input=True),  # after the pre-attention norm, if any
     "attention_output": _Component(_attention, edits_input=False),  # before the residual add
+    # the heads' outputs side by side, [..., heads * head_dim], entering the output projection (LoFiT)
+    "attention_heads": _Component(_attention_projection, edits_input=True, size=lambda m: _linear_sizes(m)[0]),
     "mlp_input": _Component(_mlp_input, edits_input=True),
     "mlp_output": _Component(_mlp_output, edits_input=False),
 }

@@ -102,7 +102,7 @@ def test_attention_input_edits_what_the_attention_module_receives(arch, head):
         ("layers.-1.block_output", r"model has 2 layers \(0–1\)"),
         (
             "layers.0.mlp_out",
-            r"unknown component 'mlp_out'; valid: block_input, block_output, attention_input, attention_output, "
+            r"unknown component 'mlp_out'; valid: block_input, block_output, attention_input, attention_output, attention_heads, "
             r"mlp_input, mlp_output, or a module path inside the block such as 'mlp\.down_proj'",
         ),
         ("model.layers.0.mlpp", r"no module 'model\.layers\.0\.mlpp' in LlamaForCausalLM.*did you mean 'model\.layers\.0\.mlp'"),

@@ -4,6 +4,7 @@ from .base import Intervention, make_intervention, register_intervention, regist
 from .consreft import ConsReFT
 from .direft import DiReFT
 from .lobireft import LoBiReFT
+from .lofit import LoFiT, top_heads
 from .loreft import LoReFT
 from .noreft import NoReFT
 from .orth_direft import OrthDiReFT
@@ -21,4 +22,6 @@ __all__ = [
     "ConsReFT",
     "LoBiReFT",
     "OrthDiReFT",
+    "LoFiT",
+    "top_heads",
 ]

@@ -347,7 +347,10 @@ def _import_modules(modules: list[str], key: str, exclude: str | os.PathLike | N
                 except (ImportError, ValueError) as e:
                     raise RecipeError(f"{key}: cannot import {module!r}: {e}") from None
                 if spec is None:
-                    raise RecipeError(f"{key}: cannot import {module!r}: no module named {name!r} in the working folder or on sys.path")
+                    skipped = f" (the adapter's folder {str(exclude)!r} is never searched)" if exclude is not None else ""
+                    raise RecipeError(
+                        f"{key}: cannot import {module!r}: no module named {name!r} in the working folder or on sys.path{skipped}"
+                    )
                 places = ([spec.origin] if spec.has_location and spec.origin else []) + list(spec.submodule_search_locations or [])
                 if any(inside(place) for place in places):
                     raise RecipeError(

@@ -424,7 +424,7 @@ def _read_rng_state(rng: Any, tensors: dict[str, torch.Tensor], where: Path) -> 
             if state.dtype != torch.uint8 or state.shape != torch.cuda.get_rng_state(i).shape:
                 raise ValueError(f"CUDA device {i}: a {state.dtype} tensor of shape {list(state.shape)}")
     except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as e:
-        raise ValueError(f"{where}: the saved RNG state cannot be restored ({short(str(e))}); nothing was restored") from None
+        raise ValueError(f"{where}: the saved RNG state cannot be restored ({str(e)[:200]}); nothing was restored") from None
     return out
 
 
@@ -493,10 +493,10 @@ def _read_json(folder: Path, name: str, what: str) -> dict:
     file = folder / name
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {str(folder)!r}: expected {what} with {name}")
-    if not file.is_file():
+    if not os.path.lexists(file):
         present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise FileNotFoundError(f"{file}: missing; expected {what} here (the folder holds {short(present)})")
-    data = _read_regular_file(file, None, _MAX_JSON_BYTES)
+    data = _read_regular_file(file, None, _MAX_JSON_BYTES)  # not a FIFO, a device, nor a huge file
     try:
         value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -220,7 +220,7 @@ def _yaml(text: str, where: str) -> Any:
             )
         return loader.construct_document(node)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: not valid YAML: {short(str(e))}") from None
+        raise RecipeError(f"{where}: not valid YAML: {str(e)[:300]}") from None
     except RecursionError:
         raise RecipeError(f"{where}: YAML nested too deeply") from None
     finally:

@@ -809,7 +809,7 @@ def _checked_process_rng(value: Any, rank: int, world: int, path: str) -> dict[s
         if "cuda" in rng and torch.cuda.is_available() and rng["cuda"].shape != torch.cuda.get_rng_state().shape:
             raise ValueError(f"a CUDA state of {rng['cuda'].numel()} bytes")
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # binascii.Error is a ValueError
-        raise ValueError(f"{path}: process {rank}'s saved RNG state cannot be restored ({short(str(e))}); nothing was restored") from None
+        raise ValueError(f"{path}: process {rank}'s saved RNG state cannot be restored ({str(e)[:200]}); nothing was restored") from None
     return rng
 
 

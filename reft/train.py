@@ -432,7 +432,7 @@ class Trainer:
                 "history": self.history,
                 "seconds": time.perf_counter() - self._started,
                 "world_size": self.world,
-                "config": asdict(self.config),
+                "config": {**asdict(self.config), "output_dir": str(self.config.output_dir)},
                 "data": self._data_fingerprint(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }

@@ -438,7 +438,7 @@ def test_a_fresh_run_refuses_an_output_dir_with_another_runs_checkpoints(tmp_pat
 def test_a_resume_past_max_steps_is_an_error_naming_the_step(tmp_path):
     rm, tok = build()
     data = build_generation_data(tok, pairs(8))
-    config = TrainConfig(batch_size=4, max_steps=2, save_every=1, output_dir=str(tmp_path))
+    config = TrainConfig(batch_size=4, max_steps=2, save_every=1, output_dir=tmp_path)  # a Path works as well as a str
     Trainer(rm, config, data).fit()
     with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, and this run trains 2 steps \(max_steps=2\): nothing is left"):
         Trainer(rm, config, data).fit(resume_from="latest")

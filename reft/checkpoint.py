@@ -10,7 +10,12 @@ the caller's state).
 
 Every write is atomic: files go into a temporary folder beside the target, are flushed to disk, and
 the folder is then renamed onto the target (on Linux, atomically swapped with an existing one), so
-a crash at any point leaves either the previous folder or the new one, never a mix.
+a crash at any point leaves either the previous folder or the new one, never a mix. A write never
+removes what it did not write: it refuses a target folder that holds anything but this library's own
+files, and what it does not rewrite of those (checkpoints, the log, the recipe, other adapters) it
+keeps. Reading is bounded by what the files record: sizes and checksums are checked before a tensor
+file is read, JSON files are capped in size and depth, and sizes are checked against the base model
+before anything is built.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -36,6 +42,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from ._errors import short
 from .config import ReftConfig
 from .interventions.base import Intervention
 from .sites import find_stacks, hidden_size_of, resolve_site
@@ -49,6 +56,15 @@ TRAINING_STATE_NAME = "training_state.json"
 TRAINING_TENSORS_NAME = "training_state.safetensors"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _NUMBER_LIST = re.compile(r"\[\s*(-?\d+(?:\s*,\s*-?\d+)*)\s*\]")
+# What a save may find in its target folder (and keeps, when it does not rewrite it): the adapter and
+# training-state files, the recipe `reft train` saves beside an adapter (reft.cli.RECIPE_NAME), the
+# trainer's log (reft.train.LOG_NAME), checkpoint-{step} folders, other adapter folders, and the
+# temporaries of an interrupted write (`.{name}.tmp-*`, `.{name}.old-*`).
+_OWN_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINING_STATE_NAME, TRAINING_TENSORS_NAME, "recipe.yaml", "log.jsonl")
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)-.*")
+_OWN_DEPTH = 3  # folders nested deeper than this in a target are not this library's
+_MAX_JSON_BYTES = 64 * 2**20  # adapter_config.json is a few KB; training_state.json grows with the log
+_MAX_JSON_DEPTH = 32  # the deepest file this library writes nests 6 levels
 
 PathLike = str | os.PathLike
 
@@ -239,6 +255,7 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
     folder = Path(path)
     record = _read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
     _check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
+    _checked_state(record, folder)
     adapters = {}  # adapter name -> its tensors in the checkpoint
     for name in rm.adapter_names:
         sub = folder if name == DEFAULT_ADAPTER else folder / name
@@ -248,9 +265,8 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
         ours = _adapter_config(rm, name)
         for key in ("sites", "head"):
             if config.get(key) != ours[key]:
-                raise ValueError(
-                    f"{sub / CONFIG_NAME}: the checkpoint's {key} {config.get(key)!r} differ from the model's {ours[key]!r}"
-                )
+                saved, mine = _first_difference(config.get(key), ours[key])
+                raise ValueError(f"{sub / CONFIG_NAME}: the checkpoint's {key} differ from the model's: {saved} vs {mine}")
         adapters[name] = _read_tensors(sub, WEIGHTS_NAME, config)
         _check_tensors(adapters[name], _live_tensors(rm, name), sub / WEIGHTS_NAME)
     tensors = _read_tensors(folder, TRAINING_TENSORS_NAME, record)
@@ -277,20 +293,41 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
     return record["state"]
 
 
+def _read_training_state(path: PathLike) -> dict:
+    """The caller's `state` in the checkpoint at `path`, read and checked without restoring anything."""
+    folder = Path(path)
+    record = _read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
+    _check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
+    return _checked_state(record, folder)
+
+
+def _checked_state(record: dict, folder: Path) -> dict:
+    state = record.get("state")
+    if not isinstance(state, dict):
+        raise ValueError(f"{folder / TRAINING_STATE_NAME}: 'state' is {short(state)}, expected a JSON object")
+    return state
+
+
 def latest_checkpoint(output_dir: PathLike) -> str | None:
     """The complete `checkpoint-{step}` folder under `output_dir` with the highest step, or None.
 
     Temporary folders of an interrupted save (`.checkpoint-{step}.tmp-*`) are never returned.
     """
+    found = _checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def _checkpoints(output_dir: PathLike) -> list[tuple[int, str]]:
+    """`[(step, folder)]` of the complete `checkpoint-{step}` folders under `output_dir`, by step."""
     root = Path(output_dir)
     if not root.is_dir():
-        return None
+        return []
     found = []
     for entry in root.iterdir():
         match = _CHECKPOINT.fullmatch(entry.name)
         if match and entry.is_dir() and (entry / TRAINING_STATE_NAME).is_file():
-            found.append((int(match[1]), entry))
-    return str(max(found)[1]) if found else None
+            found.append((int(match[1]), str(entry)))
+    return sorted(found)
 
 
 def _check_optimizer(saved: dict, optimizer, folder: Path) -> None:
@@ -327,7 +364,19 @@ def _read_rng_state(rng: Any, tensors: dict[str, torch.Tensor], where: Path) -> 
             s = rng["numpy"]
             out["numpy"] = (s["name"], s["keys"], int(s["pos"]), int(s["has_gauss"]), float(s["cached_gaussian"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{where}: malformed or incomplete RNG state ({e!r})") from None
+        raise ValueError(f"{where}: malformed or incomplete RNG state ({short(e)})") from None
+    try:  # each state set on a scratch generator first: a bad one fails here, before anything is restored
+        torch.Generator().set_state(out["torch"])
+        random.Random().setstate(out["python"])
+        np = _numpy()
+        if np is not None and out["numpy"] is not None:
+            name, keys, pos, has_gauss, cached = out["numpy"]
+            np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        for i, state in enumerate(out["cuda"][: torch.cuda.device_count() if torch.cuda.is_available() else 0]):
+            if state.dtype != torch.uint8 or state.shape != torch.cuda.get_rng_state(i).shape:
+                raise ValueError(f"CUDA device {i}: a {state.dtype} tensor of shape {list(state.shape)}")
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError) as e:
+        raise ValueError(f"{where}: the saved RNG state cannot be restored ({str(e)[:200]}); nothing was restored") from None
     return out
 
 
@@ -396,27 +445,71 @@ def _read_json(folder: Path, name: str, what: str) -> dict:
     file = folder / name
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {str(folder)!r}: expected {what} with {name}")
-    if not file.is_file():
+    if not os.path.lexists(file):
         present = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-        raise FileNotFoundError(f"{file}: missing; expected {what} here (the folder holds {present})")
+        raise FileNotFoundError(f"{file}: missing; expected {what} here (the folder holds {short(present)})")
+    data = _read_regular_file(file, None, _MAX_JSON_BYTES)  # not a FIFO, a device, nor a huge file
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e}); the file is truncated or corrupt") from None
+    except RecursionError:
+        value = None  # nested past Python's own limit: reported as too deep below
+    depth = _json_depth(value) if value is not None else _MAX_JSON_DEPTH + 1
+    if depth > _MAX_JSON_DEPTH:
+        raise ValueError(f"{file}: JSON nested deeper than {_MAX_JSON_DEPTH} levels; not a file this library wrote")
     if not isinstance(value, dict):
         raise ValueError(f"{file}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
+def _json_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= _MAX_JSON_DEPTH:  # deeper is already too deep: stop walking
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _read_regular_file(file: Path, size: int | None, limit: int | None = None) -> bytes:
+    """The bytes of regular file `file` (through symlinks), read only when its size on disk is `size`
+    (when given) and at most `limit`: never more bytes than were asked for, from a FIFO or a device."""
+    try:
+        info = file.stat()
+    except OSError as e:
+        raise FileNotFoundError(f"{file}: cannot read it ({e.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{file}: not a regular file; an adapter holds regular files only")
+    if size is not None and info.st_size != size:
+        raise ValueError(
+            f"{file}: has {info.st_size} bytes, but the config records {size} bytes: the file is truncated, "
+            "corrupt, replaced or was changed after saving"
+        )
+    if limit is not None and info.st_size > limit:
+        raise ValueError(f"{file}: {info.st_size} bytes, more than the {limit} bytes such a file may have")
+    want = info.st_size
+    with open(file, "rb") as f:
+        data = f.read(want + 1)  # one more: a file that grew since stat() is not read whole
+    if len(data) != want:
+        raise ValueError(f"{file}: changed size while being read ({want} bytes, then {len(data)}+)")
+    return data
+
+
 def _check_format(config: dict, kind: str, where: Path) -> None:
     if config.get("format") != kind:
-        raise ValueError(f"{where}: 'format' is {config.get('format')!r}, expected {kind!r}")
+        raise ValueError(f"{where}: 'format' is {short(config.get('format'))}, expected {kind!r}")
     version = config.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{where}: 'format_version' is {version!r}, expected an int 1..{FORMAT_VERSION}")
+        raise ValueError(f"{where}: 'format_version' is {short(version)}, expected an int 1..{FORMAT_VERSION}")
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"{where}: format_version {version} was written by a newer reft ({config.get('reft_version')}); "
+            f"{where}: format_version {version} was written by a newer reft ({short(config.get('reft_version'))}); "
             f"this reft reads format_version up to {FORMAT_VERSION}: upgrade reft"
         )
 
@@ -433,8 +526,8 @@ def _check_base_model(config: dict, model: nn.Module, folder: Path) -> None:
     for key, value in found.items():
         if saved.get(key) != value:
             raise ValueError(
-                f"{folder}: the adapter was saved for a base model with {key} {saved.get(key)!r} "
-                f"({saved.get('name_or_path') or saved.get('architecture')}), but this model has {key} {value!r} "
+                f"{folder}: the adapter was saved for a base model with {key} {short(saved.get(key))} "
+                f"({short(saved.get('name_or_path') or saved.get('architecture'))}), but this model has {key} {value!r} "
                 f"({type(model).__name__})"
             )
 
@@ -461,24 +554,54 @@ def _check_sites(model: nn.Module, config: ReftConfig, raw: dict, folder: Path) 
         try:
             model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"{folder}: head module {path!r} not found in {type(model).__name__}") from None
+            raise ValueError(f"{folder}: head module {short(path)} not found in {type(model).__name__}") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _first_difference(saved: Any, mine: Any) -> tuple[str, str]:
+    """The first differing entries of two lists (else the values), as JSON cut to a readable length."""
+    if isinstance(saved, list) and isinstance(mine, list):
+        for a, b in zip(saved, mine):
+            if a != b:
+                return _clip(a), _clip(b)
+        return f"{len(saved)} entries", f"{len(mine)} entries"
+    return _clip(saved), _clip(mine)
+
+
+def _clip(value: Any, limit: int = 300) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        return short(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _read_tensors(folder: Path, name: str, record: dict) -> dict[str, torch.Tensor]:
+    """The tensors of `folder/name`, read only after its size matches the one recorded in `record`
+    (`{"files": {name: {"bytes", "sha256"}}}`), then checked against the recorded SHA-256."""
     file = folder / name
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing; {folder} is incomplete")
-    data = file.read_bytes()
     files = record.get("files")
     expected = files.get(name) if isinstance(files, dict) else None
-    if isinstance(expected, dict):
-        found = _file_record(data)
-        if found != expected:
-            raise ValueError(
-                f"{file}: has {found['bytes']} bytes with sha256 {found['sha256'][:16]}..., but the config records "
-                f"{expected.get('bytes')} bytes with sha256 {str(expected.get('sha256'))[:16]}...: the file is "
-                "truncated, corrupt or was changed after saving"
-            )
+    if not isinstance(expected, dict):
+        raise ValueError(
+            f"{file}: its config records no size and checksum (\"files\": {{{name!r}: {{\"bytes\", \"sha256\"}}}}); "
+            "this library writes them with every file and reads no tensor file without them"
+        )
+    size, digest = expected.get("bytes"), expected.get("sha256")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0 and isinstance(digest, str)):
+        raise ValueError(f"{file}: malformed size and checksum record {short(expected)}; expected {{\"bytes\": int, \"sha256\": str}}")
+    data = _read_regular_file(file, size)
+    found = _file_record(data)
+    if found != {"bytes": size, "sha256": digest}:
+        raise ValueError(
+            f"{file}: has {found['bytes']} bytes with sha256 {found['sha256'][:16]}..., but the config records "
+            f"{size} bytes with sha256 {digest[:16]}...: the file is truncated, corrupt or was changed after saving"
+        )
     try:
         return _st_load(data)
     except Exception as e:  # safetensors raises its own error type for every malformed file
@@ -516,16 +639,17 @@ def _device_of(model: nn.Module) -> torch.device:
 # ================================================================ atomic writes
 @contextmanager
 def _atomic_folder(path: PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename."""
-    target = Path(path)
-    if target.is_symlink():
-        target = target.resolve()  # replace the folder the link points to, keep the link
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"{target}: exists and is not a folder; give a folder path to save into")
+    """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename.
+
+    Before anything is written, `_save_target` refuses a `path` whose folder holds entries this library
+    did not write; of its own entries, those the new folder does not rewrite are kept.
+    """
+    target = _save_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: a saved folder has the user's usual permissions
         yield tmp
         _fsync(tmp)
         _replace_folder(tmp, target)
@@ -533,6 +657,77 @@ def _atomic_folder(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(target.parent)
+
+
+def _save_target(path: PathLike) -> Path:
+    """The folder a save to `path` replaces: `path`, or the folder a symlink at `path` points to.
+
+    Raises a ValueError, before anything is written, when that is the working folder or one above it,
+    a file, or a folder holding entries this library did not write (`_foreign_entries`).
+    """
+    given = Path(path)
+    real = Path(os.path.realpath(given))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if real == cwd or real in cwd.parents:
+        where = "the working folder" if real == cwd else "a folder above the working folder"
+        raise ValueError(
+            f"save path {str(path)!r} is {where} ({real}): a save replaces its folder as a whole; "
+            f"give a sub-folder, e.g. {str(given / 'adapter')!r}"
+        )
+    target = given.resolve() if given.is_symlink() else given  # replace the folder a link points to, keep the link
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: exists and is not a folder; give a folder path to save into")
+    if target.is_dir():
+        _refuse_foreign(target)
+    return target
+
+
+def _refuse_foreign(target: Path) -> None:
+    foreign = _foreign_entries(target)
+    if foreign:
+        raise ValueError(
+            f"{target}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} this library did not write "
+            f"({short(foreign)}); a save replaces the folder and would remove them: save into a new or empty "
+            "folder, or move them away"
+        )
+
+
+def _foreign_entries(folder: Path, depth: int = 0) -> list[str]:
+    """The entries of `folder` that are not this library's (paths relative to it, folders ending in /).
+
+    This library's: the files named in `_OWN_FILES`, the temporaries of an interrupted write, and
+    folders holding only such files that are checkpoints (`checkpoint-{step}`) or adapters (with an
+    `adapter_config.json`). A symlink is never this library's: it writes none.
+    """
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        if entry.is_symlink():
+            foreign.append(name)
+        elif _TEMPORARY.fullmatch(name):
+            continue
+        elif entry.is_file():
+            if name not in _OWN_FILES:
+                foreign.append(name)
+        elif entry.is_dir() and depth + 1 < _OWN_DEPTH and (_CHECKPOINT.fullmatch(name) or (entry / CONFIG_NAME).is_file()):
+            foreign += [f"{name}/{inner}" for inner in _foreign_entries(entry, depth + 1)]
+        else:
+            foreign.append(name + "/" if entry.is_dir() else name)
+    return foreign
+
+
+def _umask() -> int:
+    """The process's umask: from /proc where it says, so that it is read without being changed."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_dead_temporaries(target: Path) -> None:
@@ -559,20 +754,60 @@ def _alive(pid: int) -> bool:
 
 
 def _replace_folder(tmp: Path, target: Path) -> None:
-    """Put complete folder `tmp` at `target`: a rename, or an atomic swap with an existing target."""
-    if not target.exists():
-        os.rename(tmp, target)
-    elif _exchange(tmp, target):
-        shutil.rmtree(tmp)  # now the previous version
-    else:  # no atomic swap here: the previous version sits at `.{name}.old-*` for two renames
+    """Put complete folder `tmp` at `target`: a rename, or an atomic swap with an existing target after
+    this library's entries of the target that `tmp` lacks are hard-linked into `tmp` (kept, not removed).
+
+    Another process may create or replace `target` between the checks and the rename (two saves of the
+    same new folder): the rename then fails with ENOTEMPTY and the swap is made instead.
+    """
+    for _ in range(10):
+        if not os.path.lexists(target):
+            try:
+                os.rename(tmp, target)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                continue  # created meanwhile by another process: swap with it
+        _refuse_foreign(target)
+        _carry_over(target, tmp)
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp)  # now the previous version: what it held that is kept is linked into the new one
+            return
+        # no atomic swap here: the previous version sits at `.{name}.old-*` for two renames
         old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-        os.rename(target, old)
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:
+            continue  # moved away meanwhile by another process
         try:
             os.rename(tmp, target)
         except BaseException:
             os.rename(old, target)
             raise
         shutil.rmtree(old)
+        return
+    raise OSError(errno.EBUSY, "other processes kept replacing this folder while it was saved", str(target))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (copy, where links are not supported) into `new` every entry of `old` that `new` lacks,
+    except the temporary folders of writes in progress or interrupted."""
+    for entry in old.iterdir():
+        dest = new / entry.name
+        if os.path.lexists(dest) or (_TEMPORARY.fullmatch(entry.name) and ".tmp-" in entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, dest, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, dest)
+
+
+def _link_or_copy(src: PathLike, dst: PathLike) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -598,6 +833,24 @@ def _write_bytes(file: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_file(path: PathLike, data: bytes) -> None:
+    """Write file `path` atomically: a temporary file beside it (`.{name}.tmp-*`), flushed, then renamed
+    onto it; its permissions follow the umask, as those of a file the user creates."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _fsync(folder: Path) -> None:

@@ -7,13 +7,18 @@
     reft info runs/smollm2-pirate/adapter
 
 `reft train` saves the adapter and the recipe it was trained from (`recipe.yaml`) in
-`<train.output_dir>/adapter`; `eval` and `generate` read that recipe to find the base model and data.
+`<train.output_dir>/adapter`; `eval` and `generate` read that recipe to find the base model and data,
+but import nothing it names: modules are imported only from the user's own recipe (`reft train`,
+`--config`) or with `--import MODULE`, and never from the adapter's folder. Every error of the
+library is reported as one line, `reft COMMAND: error: ...`, naming the file (and the line of a
+data file), with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,9 +35,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # RecipeError too: the library's errors name the bad value
-        print(f"reft {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:  # the library's errors name the bad value
+        print(f"reft {args.command}: error: {_one_line(e, args)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: Exception, args: argparse.Namespace) -> str:
+    """The error's message on one line; a recipe's error is prefixed with the recipe's file."""
+    from .recipes import RecipeError
+
+    text = " | ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    recipe = getattr(args, "recipe_file", None)
+    if isinstance(error, RecipeError) and recipe is not None and str(recipe) not in text:
+        text = f"{recipe}: {text}"
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_set(train)
     train.add_argument("--dry-run", action="store_true", help="validate the recipe and its sites without loading weights, then exit")
     train.add_argument("--resume", metavar="CHECKPOINT", help="continue from a training checkpoint folder, or 'latest'")
+    train.add_argument(
+        "--allow-change",
+        dest="allow_changes",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: let train.KEY differ from the checkpoint's on purpose (lr, max_steps, epochs, warmup_ratio, "
+        "schedule, weight_decay, max_grad_norm); repeatable",
+    )
     train.set_defaults(run=_train)
 
     evaluate = sub.add_parser(
@@ -66,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("adapter", metavar="ADAPTER", help="an adapter folder written by `reft train`")
     evaluate.add_argument("--config", metavar="CONFIG.yaml", help="take model and data from this recipe instead")
     _add_set(evaluate)
+    _add_import(evaluate)
     evaluate.add_argument(
         "--generate",
         action="store_true",
@@ -101,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     generate.add_argument("--compare", action="store_true", help="also print the base model's answer")
     generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    _add_import(generate)
     generate.set_defaults(run=_generate)
 
     info = sub.add_parser(
@@ -112,6 +139,18 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print adapter_config.json as is")
     info.set_defaults(run=_info)
     return parser
+
+
+def _add_import(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (it may register your own interventions); nothing is imported because the "
+        "adapter's recipe.yaml names it, and no module from the adapter's folder; repeatable",
+    )
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
@@ -127,16 +166,28 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------------------- train
 def _train(args: argparse.Namespace) -> int:
-    from .recipes import dry_run, load_recipe
+    from .recipes import RecipeError, dry_run, load_recipe
 
-    recipe = load_recipe(args.config, args.overrides)
+    args.recipe_file = args.config
+    recipe = load_recipe(args.config, args.overrides)  # the user's own recipe: its imports are imported
     if args.dry_run:
         summary = dry_run(recipe)
+        missing = summary.pop("missing", [])
         _print_summary(summary)
+        if missing:
+            raise RecipeError(f"{'; '.join(missing)} (the recipe itself is valid)")
         print(f"recipe {args.config}: OK (dry run, no weights loaded)")
         return 0
+    from .checkpoint import _save_target
     from .recipes import build_data, build_intervenable, load_model
-    from .train import Trainer
+    from .train import Trainer, _check_allow_changes
+
+    if args.allow_changes and not args.resume:
+        raise ValueError(f"--allow-change {' '.join(args.allow_changes)}: goes with --resume")
+    _check_allow_changes(args.allow_changes)
+    out = Path(recipe.train.output_dir) / "adapter"
+    if _is_rank0():
+        _save_target(out)  # a folder the adapter cannot be saved into is refused now, not after training
 
     model, tokenizer = load_model(recipe)
     rm = build_intervenable(recipe, model)
@@ -150,9 +201,8 @@ def _train(args: argparse.Namespace) -> int:
         collator=_collator(tokenizer),
     )
     start = time.perf_counter()
-    history = trainer.fit(**({"resume_from": args.resume} if args.resume else {}))
+    history = trainer.fit(resume_from=args.resume, allow_changes=args.allow_changes)
     if _is_rank0():  # under torchrun every process trained the same interventions; one saves them
-        out = Path(recipe.train.output_dir) / "adapter"
         rm.save_pretrained(out)
         _write_text(out / RECIPE_NAME, recipe.to_yaml())
         evals = [record for record in history if "eval_loss" in record]  # fit() evaluates after the last step
@@ -174,10 +224,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------- eval
 def _eval(args: argparse.Namespace) -> int:
     from .model import IntervenableModel
-    from .recipes import NO_EVAL_DATA, build_data, load_model, load_recipe
+    from .recipes import NO_EVAL_DATA, build_data, load_model
     from .train import Trainer
 
-    recipe = load_recipe(args.config or _recipe_file(args.adapter), args.overrides)
+    recipe = _adapter_recipe(args, args.overrides)
     if args.generate:
         return _eval_generate(args, recipe)
     for flag in ("max_new_tokens", "batch_size", "predictions", "mode"):
@@ -199,6 +249,10 @@ def _eval_generate(args: argparse.Namespace, recipe) -> int:
     from .model import IntervenableModel
     from .recipes import answer_data, load_model
 
+    for flag in ("max_new_tokens", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: must be an int >= 1")
     prompts, answers = answer_data(recipe)  # before loading the model: a recipe without answers fails fast
     model, tokenizer = load_model(recipe)
     rm = IntervenableModel.from_pretrained(model, args.adapter)
@@ -224,12 +278,17 @@ def _generate(args: argparse.Namespace) -> int:
     from .data import _prompt_encoder
     from .evaluate import _left_pad, _pad_id
     from .model import IntervenableModel
-    from .recipes import ModelSection, Recipe, load_model, load_recipe
+    from .recipes import ModelSection, Recipe, _import_modules, load_model
 
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be an int >= 1")
     if args.model:
+        _import_modules(args.imports, "--import", exclude=args.adapter)
         recipe = Recipe(model=ModelSection(path=args.model), intervention=None, data=None, train=None)
     else:
-        recipe = load_recipe(_recipe_file(args.adapter))
+        recipe = _adapter_recipe(args, [])
     model, tokenizer = load_model(recipe)
     rm = IntervenableModel.from_pretrained(model, args.adapter)
     rm.eval()
@@ -260,44 +319,35 @@ def _decode(tokenizer, ids) -> str:
 
 # --------------------------------------------------------------------------------------- info
 def _info(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _check_format, _Plan, _read_json
 
     folder = Path(args.adapter)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not an adapter folder (written by save_pretrained or reft train)")
-    config = json.loads(config_file.read_text())
+    config = _read_json(folder, CONFIG_NAME, "an adapter")  # bounded in size and depth; a ValueError naming the file
     if args.json:
         print(json.dumps(config, indent=2))
         return 0
-    counts: dict[str, int] = {}
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:  # reads the header, not the tensors
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                group = "head" if key.startswith("head.") else "interventions"
-                numel = 1
-                for s in shape:
-                    numel *= s
-                counts[group] = counts.get(group, 0) + numel
+    _check_format(config, "reft-adapter", config_file)
+    plan = _Plan.parse(config, folder)  # the sites, positions and interventions, checked for shape
     base = config.get("base_model", {})
+    if not isinstance(base, dict):
+        raise ValueError(f"{config_file}: 'base_model' is {_text(base)}, expected a JSON object")
+    counts = _parameter_counts(folder / WEIGHTS_NAME)
     print(f"adapter:        {folder}")
-    print(f"format:         {config.get('format')} v{config.get('format_version')} (reft {config.get('reft_version')})")
+    print(f"format:         {config.get('format')} v{config.get('format_version')} (reft {_text(config.get('reft_version'))})")
     print(
-        f"base model:     {base.get('architecture')} ({base.get('model_type')}, hidden {base.get('hidden_size')}, "
-        f"{base.get('num_layers')} layers) {base.get('name_or_path') or ''}".rstrip()
+        f"base model:     {_text(base.get('architecture'))} ({_text(base.get('model_type'))}, hidden {_text(base.get('hidden_size'))}, "
+        f"{_text(base.get('num_layers'))} layers) {_text(base.get('name_or_path') or '')}".rstrip()
     )
-    sites = config.get("sites", [])
-    print(f"sites:          {len(sites)}")
-    for site in sites:
-        ivs = " | ".join(_describe(iv) for iv in site.get("interventions", []))
+    print(f"sites:          {len(plan.sites)}")
+    for site in plan.sites:
+        ivs = " | ".join(_describe(iv) for iv in site["interventions"])
         tying = "" if site.get("tied", True) else ", untied"
-        print(f"  {site['site']} [{site.get('positions')}{tying}]: {ivs}")
-    if config.get("head"):
-        print(f"head:           {', '.join(config['head'])}")
+        print(f"  {_text(site['site'])} [{_text(site['positions'])}{tying}]: {ivs}")
+    if plan.head:
+        print(f"head:           {', '.join(_text(h) for h in plan.head)}")
     total = sum(counts.values())
     detail = ", ".join(f"{k} {v:,}" for k, v in counts.items())
     print(f"parameters:     {total:,} ({detail})" if counts else "parameters:     (no weights file)")
@@ -309,12 +359,51 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameter_counts(weights: Path) -> dict[str, int]:
+    """`{"interventions": n, "head": m}` from the safetensors header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    if not weights.is_file():
+        return counts
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                group = "head" if key.startswith("head.") else "interventions"
+                counts[group] = counts.get(group, 0) + math.prod(f.get_slice(key).get_shape())
+    except Exception as e:  # safetensors raises its own error type for every malformed file
+        raise ValueError(f"{weights}: not a valid safetensors file ({e}); it is truncated or corrupt") from None
+    return counts
+
+
 def _describe(iv: dict[str, Any]) -> str:
     config = {k: v for k, v in iv.get("config", {}).items() if v is not None}
-    return f"{iv.get('name')}({', '.join(f'{k}={v}' for k, v in config.items())})"
+    return f"{_text(iv.get('name'))}({', '.join(f'{k}={_text(v)}' for k, v in config.items())})"
+
+
+def _text(value: Any) -> str:
+    """A value of a config as printed: itself, or its short repr when it is long."""
+    from ._errors import short
+
+    text = str(value)
+    return text if len(text) <= 100 else short(value)
 
 
 # --------------------------------------------------------------------------------------- helpers
+def _adapter_recipe(args: argparse.Namespace, overrides: list[str]):
+    """The recipe of `eval`/`generate`: `--config`, or the adapter's recipe.yaml. Modules are imported from
+    `--import` and from a `--config` recipe, never because the adapter's recipe names them, and never
+    from the adapter's folder."""
+    from .recipes import _import_modules, load_recipe
+
+    _import_modules(args.imports, "--import", exclude=args.adapter)
+    config = getattr(args, "config", None)
+    args.recipe_file = config or _recipe_file(args.adapter)
+    if config:
+        return load_recipe(config, overrides, import_exclude=args.adapter)
+    return load_recipe(args.recipe_file, overrides, import_modules=False)
+
+
 def _recipe_file(adapter: str) -> Path:
     path = Path(adapter) / RECIPE_NAME
     if not path.is_file():
@@ -347,17 +436,9 @@ def _round(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomic: a temporary file in the same folder, then `os.replace`."""
-    import os
-    import tempfile
+    from .checkpoint import _write_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_file(path, text.encode("utf-8"))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ._errors import short
 from .interventions.base import Intervention, intervention_class
 from .positions import PositionSpec
 
@@ -49,20 +50,20 @@ class ReftConfig:
 
     def __post_init__(self):
         if not isinstance(self.sites, Mapping) or not self.sites:
-            raise ValueError(f"ReftConfig.sites must be a non-empty {{site: intervention}} dict, got {_short(self.sites)}")
+            raise ValueError(f"ReftConfig.sites must be a non-empty {{site: intervention}} dict, got {short(self.sites)}")
         if not isinstance(self.tied, bool):
-            raise ValueError(f"ReftConfig.tied must be True or False, got {_short(self.tied)}")
+            raise ValueError(f"ReftConfig.tied must be True or False, got {short(self.tied)}")
         if self.max_norm is not None and not (
             isinstance(self.max_norm, (int, float)) and not isinstance(self.max_norm, bool) and 0 < self.max_norm < float("inf")
         ):
-            raise ValueError(f"ReftConfig.max_norm must be a positive finite number or None, got {_short(self.max_norm)}")
+            raise ValueError(f"ReftConfig.max_norm must be a positive finite number or None, got {short(self.max_norm)}")
         head = [self.head] if isinstance(self.head, str) else list(self.head or [])
         if not all(isinstance(h, str) and h for h in head):
-            raise ValueError(f"ReftConfig.head must be module paths (str), got {_short(self.head)}")
+            raise ValueError(f"ReftConfig.head must be module paths (str), got {short(self.head)}")
         self.head = head
         for site in self.sites:
-            if not isinstance(site, str) or not site:
-                raise ValueError(f"ReftConfig.sites: a site must be a non-empty str, got {_short(site)}")
+            if not isinstance(site, str) or not 0 < len(site) <= 1000:
+                raise ValueError(f"ReftConfig.sites: a site must be a str of 1..1000 characters, got {short(site)}")
         self.positions = _site_specs(self.positions, list(self.sites))
         self.sites = {site: _entries(site, value, PositionSpec.parse(self.positions[site]), self.tied) for site, value in self.sites.items()}
 
@@ -75,11 +76,11 @@ class ReftConfig:
         """
         from .sites import resolve_site
 
-        built = {}
-        for site, entries in self.sites.items():
-            resolved = resolve_site(model, site)
-            built[site] = [_build(site, entry, resolved) for entry in entries]
-        return built
+        resolved = {site: resolve_site(model, site) for site in self.sites}
+        largest = None  # the largest dimension of the model: the bound for sites whose size needs a forward pass
+        if any(r.hidden_size is None for r in resolved.values()):
+            largest = max((max(p.shape, default=1) for p in model.parameters()), default=1)
+        return {site: [_build(site, e, resolved[site], largest) for e in entries] for site, entries in self.sites.items()}
 
     def resolved(self, model: "nn.Module") -> "ReftConfig":
         """This config with every `hidden_size` filled in from `model`'s sites."""
@@ -122,7 +123,7 @@ class ReftConfig:
                     json.dumps(e["config"], allow_nan=False)
                 except (TypeError, ValueError) as err:
                     raise ValueError(
-                        f"site {site!r}: {e['name']} config {_short(e['config'])} is not JSON ({err}); constructor "
+                        f"site {site!r}: {e['name']} config {short(e['config'])} is not JSON ({err}); constructor "
                         "arguments of a saved intervention must be numbers, strings, booleans, None, lists or dicts"
                     ) from None
             sites.append({
@@ -141,9 +142,9 @@ class ReftConfig:
         """Parse the fields written by `to_dict` (an adapter_config.json), with errors naming `where`."""
         sites, head = config.get("sites"), config.get("head", [])
         if not isinstance(sites, list) or not sites:
-            raise ValueError(f"{where}: 'sites' must be a non-empty list of sites, got {_short(sites)}")
+            raise ValueError(f"{where}: 'sites' must be a non-empty list of sites, got {short(sites)}")
         if not isinstance(head, list) or not all(isinstance(h, str) for h in head):
-            raise ValueError(f"{where}: 'head' must be a list of module paths, got {_short(head)}")
+            raise ValueError(f"{where}: 'head' must be a list of module paths, got {short(head)}")
         parsed, positions = {}, {}
         for s in sites:
             ok = (
@@ -157,7 +158,7 @@ class ReftConfig:
             )
             if not ok:
                 raise ValueError(
-                    f"{where}: malformed site entry {_short(s)}; expected {{'site': str, 'positions': str, "
+                    f"{where}: malformed site entry {short(s)}; expected {{'site': str, 'positions': str, "
                     "'tied': bool, 'interventions': [{'name': str, 'config': {...}}] (1 or 2 of them)}"
                 )
             if s["site"] in parsed:
@@ -167,7 +168,7 @@ class ReftConfig:
         untied = [site for site, e in parsed.items() if len(e) == 2]
         tied = config.get("tied", not untied)
         if not isinstance(tied, bool):
-            raise ValueError(f"{where}: 'tied' must be true or false, got {_short(tied)}")
+            raise ValueError(f"{where}: 'tied' must be true or false, got {short(tied)}")
         try:
             return cls(parsed, positions=positions, tied=tied and not untied, head=head, max_norm=config.get("max_norm"))
         except (TypeError, ValueError) as e:
@@ -180,12 +181,6 @@ class ReftConfig:
             if v not in (True, [], None) or (k == "tied" and v is False)
         )
         return f"ReftConfig({len(self.sites)} sites{extra}:\n  " + "\n  ".join(parts) + "\n)"
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """`repr(value)` cut to `limit` characters: error messages stay short for any input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _describe(entry: dict) -> str:
@@ -211,7 +206,7 @@ def _entry(site: str, value: Any) -> dict:
     if isinstance(value, Mapping) and isinstance(value.get("name"), str):
         return {"name": value["name"], "config": {k: v for k, v in value.items() if k != "name"}}
     raise ValueError(
-        f"site {site!r}: an intervention is a registered name or a dict {{'name': ..., **arguments}}, got {_short(value)}"
+        f"site {site!r}: an intervention is a registered name or a dict {{'name': ..., **arguments}}, got {short(value)}"
     )
 
 
@@ -229,7 +224,7 @@ def _entries(site: str, value: Any, spec: PositionSpec, tied: bool) -> list[dict
     return entries
 
 
-def _build(site: str, entry: dict, resolved: "Site") -> Intervention:
+def _build(site: str, entry: dict, resolved: "Site", largest: int | None) -> Intervention:
     """Build one intervention, its sizes checked against the site before its weights are allocated."""
     cls = intervention_class(entry["name"])
     config = dict(entry["config"])
@@ -239,14 +234,19 @@ def _build(site: str, entry: dict, resolved: "Site") -> Intervention:
             raise ValueError(f"site {site!r}: give the intervention's hidden_size (the site's size is known only from a forward pass)")
         config["hidden_size"] = size
     given = config["hidden_size"]
-    if not isinstance(given, int) or isinstance(given, bool) or (size is not None and given != size):
+    if not isinstance(given, int) or isinstance(given, bool) or given < 1 or (size is not None and given != size):
         raise ValueError(
-            f"site {site!r}: {entry['name']} has hidden_size {_short(given)}, but the site's hidden size is {size}"
+            f"site {site!r}: {entry['name']} has hidden_size {short(given)}, but the site's hidden size is {size}"
+        )
+    if size is None and largest is not None and given > largest:
+        raise ValueError(
+            f"site {site!r}: {entry['name']} has hidden_size {given}, larger than any dimension of the base model "
+            f"(the largest is {largest})"
         )
     rank = config.get("rank")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= given):
-        raise ValueError(f"site {site!r}: {entry['name']} rank must be an int in 1..{given} (the hidden size), got {_short(rank)}")
+        raise ValueError(f"site {site!r}: {entry['name']} rank must be an int in 1..{given} (the hidden size), got {short(rank)}")
     try:
         return cls(**config)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"site {site!r}: cannot build {entry['name']!r} from {_short(config)}: {e}") from None
+        raise ValueError(f"site {site!r}: cannot build {entry['name']!r} from {short(config)}: {e}") from None

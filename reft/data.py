@@ -23,12 +23,15 @@ tokenizes to nothing, an example longer than `max_length` (an error, or a counte
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ._errors import short
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +125,9 @@ def build_generation_data(
         prompt_ids = encode_prompt(prompt)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
-            raise ValueError(f"example {i}: prompt {prompt!r} tokenizes to no tokens; every prompt needs at least one")
+            raise ValueError(f"example {i}: prompt {short(prompt)} tokenizes to no tokens; every prompt needs at least one")
         if not response_ids:
-            raise ValueError(f"example {i}: response {response!r} tokenizes to no tokens; every response needs at least one")
+            raise ValueError(f"example {i}: response {short(response)} tokenizes to no tokens; every response needs at least one")
         ids = prompt_ids + response_ids + ([eos] if add_eos else [])
         if _too_long(i, len(ids), limit, on_too_long):
             skipped += 1
@@ -221,8 +224,8 @@ def build_classification_data(
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels; give one label per text")
     if not texts:
         raise ValueError("the dataset is empty: give at least one (text, label) pair")
-    if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
-        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
+        raise ValueError(f"num_labels must be a positive int, got {short(num_labels)}")
     regression = num_labels == 1
     limit = _max_length(tokenizer, max_length)
 
@@ -231,7 +234,7 @@ def build_classification_data(
         label = _check_label(i, label, num_labels)
         ids = tokenizer(text)["input_ids"]
         if not ids:
-            raise ValueError(f"example {i}: text {text!r} tokenizes to no tokens")
+            raise ValueError(f"example {i}: text {short(text)} tokenizes to no tokens")
         if _too_long(i, len(ids), limit, on_too_long):
             skipped += 1
             continue
@@ -277,8 +280,10 @@ class Collator:
             raise ValueError("no pad token: the tokenizer has neither pad_token nor eos_token; pass pad_token_id=")
         side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
         _check_choice("padding_side", side, ("left", "right"))
-        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+        if pad_to_multiple_of is not None and (
+            not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {short(pad_to_multiple_of)}")
         self.pad_token_id = int(pad_token_id)
         self.padding_side = side
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -293,6 +298,9 @@ class Collator:
             raise ValueError("cannot collate an empty list of examples")
         B = len(examples)
         lengths = torch.tensor([len(e["input_ids"]) for e in examples])  # [B]
+        if bool((lengths == 0).any()):
+            i = int((lengths == 0).nonzero()[0])
+            raise ValueError(f"example {i} of the batch has 0 tokens (input_ids {short(examples[i]['input_ids'])}); every example needs at least one")
         T = int(lengths.max())
         if self.pad_to_multiple_of:
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -361,11 +369,11 @@ def _rows(data: Iterable[Any], prompt_key: str, response_key: str, positions_key
         else:
             raise ValueError(
                 f"example {i}: expected a (prompt, response) pair, a (prompt, response, positions) triple or a "
-                f"dict with {prompt_key!r} and {response_key!r}, got {type(row).__name__} {row!r:.80}"
+                f"dict with {prompt_key!r} and {response_key!r}, got {type(row).__name__} {short(row)}"
             )
         for name, value in (("prompt", prompt), ("response", response)):
             if not isinstance(value, str):
-                raise ValueError(f"example {i}: the {name} must be a str, got {type(value).__name__} {value!r:.80}")
+                raise ValueError(f"example {i}: the {name} must be a str, got {type(value).__name__} {short(value)}")
         yield prompt, response, positions, adapter
     if count == 0:
         raise ValueError("the dataset is empty: give at least one (prompt, response) pair")
@@ -391,9 +399,12 @@ def _check_adapter(i: int, adapter: Any) -> str | None:
 
 
 def _check_example_positions(i: int, positions: Any, n: int) -> torch.Tensor:
-    pos = torch.as_tensor(positions)
-    if pos.dim() != 1 or pos.is_floating_point():
-        raise ValueError(f"example {i}: positions must be a list of ints, got {positions!r:.80}")
+    try:
+        pos = torch.as_tensor(positions)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        pos = None
+    if pos is None or pos.dim() != 1 or pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+        raise ValueError(f"example {i}: positions must be a list of ints, got {short(positions)}")
     bad = (pos < -1) | (pos >= n)
     if bad.any():
         raise ValueError(f"example {i}: position {int(pos[bad][0])} is out of range for its {n} tokens (valid: 0..{n - 1}, or -1)")
@@ -403,15 +414,18 @@ def _check_example_positions(i: int, positions: Any, n: int) -> torch.Tensor:
 def _check_label(i: int, label: Any, num_labels: int | None) -> int | float:
     if num_labels == 1:
         try:
-            return float(label)
+            value = float(label)
         except (TypeError, ValueError):
-            raise ValueError(f"example {i}: a regression label (num_labels=1) must be a number, got {label!r}") from None
+            value = math.nan
+        if isinstance(label, (bool, str)) or not math.isfinite(value):
+            raise ValueError(f"example {i}: a regression label (num_labels=1) must be a finite number, got {short(label)}")
+        return value
     try:
         if isinstance(label, bool):
             raise TypeError
         label = operator.index(label)  # ints, numpy ints, integer 0-d tensors
     except TypeError:
-        raise ValueError(f"example {i}: label must be an int class index, got {label!r}") from None
+        raise ValueError(f"example {i}: label must be an int class index, got {short(label)}") from None
     top = f"0..{num_labels - 1}" if num_labels is not None else "0 or more"
     if label < 0 or (num_labels is not None and label >= num_labels):
         raise ValueError(f"example {i}: label {label} is out of range for {num_labels or 'the'} classes (valid: {top})")
@@ -430,8 +444,8 @@ def _leading_special_tokens(tokenizer: Any) -> list[int]:
 
 def _max_length(tokenizer: Any, max_length: int | None) -> int | None:
     if max_length is not None:
-        if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 or None, got {short(max_length)}")
         return max_length
     limit = getattr(tokenizer, "model_max_length", None)
     return int(limit) if isinstance(limit, int) and limit < 1_000_000 else None  # HF uses ~1e30 for "none"
@@ -451,4 +465,4 @@ def _finish(examples: list, task: str, tokenizer: Any, limit: int | None, skippe
 
 def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {value!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {short(value)}")

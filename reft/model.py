@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ._edit import MODES, Call, Generation, Unit, edit, units_of
-from .config import ReftConfig, _short
+from ._errors import short
+from .config import ReftConfig
 from .interventions.base import Intervention
 from .positions import PositionSpec
 from .sites import Site, resolve_site
@@ -175,7 +176,7 @@ class IntervenableModel(nn.Module):
     def _check_new_name(self, name: Any) -> None:
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name.startswith("checkpoint-"):
             raise ValueError(
-                f"adapter name {_short(name)} is not valid: 1-64 letters, digits, '_', '.' or '-', not starting "
+                f"adapter name {short(name)} is not valid: 1-64 letters, digits, '_', '.' or '-', not starting "
                 "with '.' or '-' or 'checkpoint-' (it names the adapter's folder)"
             )
         if name in self.adapters:
@@ -183,7 +184,7 @@ class IntervenableModel(nn.Module):
 
     def _check_known(self, name: Any) -> None:
         if name not in self.adapters:
-            raise ValueError(f"no adapter {_short(name)}; adapters: {self.adapter_names}")
+            raise ValueError(f"no adapter {short(name)}; adapters: {self.adapter_names}")
 
     def _add(self, name: str, config: ReftConfig, interventions: dict[str, list[Intervention]]) -> None:
         """Attach adapter `name`: checks, devices, hooks. Nothing changes when a check fails."""
@@ -373,7 +374,7 @@ class IntervenableModel(nn.Module):
         if adapter_names is None:
             return tuple(self._active_adapters), None
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-            raise ValueError(f"adapter_names must be a list with one adapter name (or None) per example, got {_short(adapter_names)}")
+            raise ValueError(f"adapter_names must be a list with one adapter name (or None) per example, got {short(adapter_names)}")
         if shape is not None and len(adapter_names) != shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} names, but the batch has {shape[0]} examples")
         names: list[str] = []

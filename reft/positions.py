@@ -3,7 +3,9 @@
 A spec is resolved against a mask `[B, T]` (1 on the tokens it counts: the attention mask, or the
 prompt mask while training on prompt + response) into index tensors `[B, P]` of token positions,
 with -1 where an example has no position in that slot. Everything is tensor code on the mask's
-device: left and right padding, and prompts of different lengths, need no host sync.
+device: left and right padding, and prompts of different lengths, need no host sync. A spec that
+asks for more tokens than a sequence has (`"l100000000"`) takes the whole sequence: the index tensors
+are at most `[B, T]` wide, whatever the counts in the spec.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-_SPEC = re.compile(r"f(\d+)\+l(\d+)|f(\d+)|l(\d+)")
+from ._errors import short
+
+_SPEC = re.compile(r"f(\d{1,18})\+l(\d{1,18})|f(\d{1,18})|l(\d{1,18})")  # counts past any sequence still parse
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,12 @@ class PositionSpec:
     first: int = 0
     last: int = 0
     all: bool = False
+
+    def __post_init__(self):
+        for name in ("first", "last"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"PositionSpec.{name} must be an int >= 0, got {short(value)}")
 
     @classmethod
     def parse(cls, spec: "str | PositionSpec") -> "PositionSpec":
@@ -35,8 +45,8 @@ class PositionSpec:
         first, last = (int(match[1] or match[3] or 0), int(match[2] or match[4] or 0)) if match else (0, 0)
         if first + last == 0:
             raise ValueError(
-                f"malformed position spec {spec!r}; valid: 'all', 'f<n>', 'l<n>' or 'f<n>+l<m>' "
-                "with n, m >= 0 and n + m >= 1 (e.g. 'l1', 'f7+l7')"
+                f"malformed position spec {short(spec)}; valid: 'all', 'f<n>', 'l<n>' or 'f<n>+l<m>' "
+                "with n, m >= 0 (at most 18 digits) and n + m >= 1 (e.g. 'l1', 'f7+l7')"
             )
         return cls(first=first, last=last)
 
@@ -62,15 +72,22 @@ def rank_to_position(mask: torch.Tensor) -> torch.Tensor:
 
 
 def resolve(spec: PositionSpec, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index tensors `(prefix [B, first], suffix [B, last])` for `spec` under `mask` `[B, T]`.
+    """Index tensors `(prefix [B, min(first, T)], suffix [B, min(last, T)])` for `spec` under `mask` `[B, T]`.
 
     When an example has fewer than `first + last` tokens, the suffix takes the last `min(last, n)`
     tokens and the prefix only what precedes them, so no token is edited twice; empty slots are -1.
+    Counts above T resolve as T (no example has more tokens), so the tensors are at most `[B, T]`.
     """
     if spec.all:
         raise ValueError("spec 'all' covers every token and has no index tensors")
+    if mask.dim() != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
+        raise ValueError(
+            f"position spec {str(spec)!r}: the mask has shape {tuple(mask.shape)}; it must be [batch, seq] "
+            "with batch >= 1 and seq >= 1 (an empty batch or a zero-length sequence has no positions)"
+        )
     B, T = mask.shape
     device = mask.device
+    n_first, n_last = min(spec.first, T), min(spec.last, T)
     table = rank_to_position(mask)  # [B, T]
     count = mask.bool().sum(1, keepdim=True)  # [B, 1] tokens per example
 
@@ -78,8 +95,8 @@ def resolve(spec: PositionSpec, mask: torch.Tensor) -> tuple[torch.Tensor, torch
         picked = table.gather(1, ranks.clamp(0, T - 1).expand(B, -1))
         return torch.where(valid, picked, -1)
 
-    first = torch.arange(spec.first, device=device).unsqueeze(0)  # [1, n]
-    prefix = at(first, first < (count - spec.last).clamp(min=0))
-    last = count - spec.last + torch.arange(spec.last, device=device)  # [B, m]
+    first = torch.arange(n_first, device=device).unsqueeze(0)  # [1, n]
+    prefix = at(first, first < (count - n_last).clamp(min=0))
+    last = count - n_last + torch.arange(n_last, device=device)  # [B, m]
     suffix = at(last, last >= 0)
     return prefix, suffix

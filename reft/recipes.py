@@ -30,11 +30,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
+import json
 import os
 import random
 import re
 import string
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from ._errors import short
 from .evaluate import MATCHES, compile_pattern
 from .interventions.base import intervention_class, registered_interventions
 from .positions import PositionSpec
@@ -54,6 +58,10 @@ TASKS = ("causal_lm", "classification")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
+
+MAX_RECIPE_BYTES = 2**20  # a recipe is a page of YAML; this bounds the work of reading one
+MAX_RECIPE_VALUES = 100_000  # values a recipe may expand to through YAML aliases (&anchor, *alias)
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 NO_EVAL_DATA = "the recipe has no eval data: set data.eval, data.eval_split or data.eval_fraction (e.g. --set data.eval=FILE)"
 
@@ -164,44 +172,121 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------------------- reading
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe, apply `overrides` (`"train.lr=1e-3"`, values in YAML), and validate it."""
+def load_recipe(
+    path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    import_modules: bool = True,
+    import_exclude: str | os.PathLike | None = None,
+) -> Recipe:
+    """Read a YAML recipe, apply `overrides` (`"train.lr=1e-3"`, values in YAML), and validate it.
+
+    `import_modules=False` leaves the recipe's `imports` unimported (for a recipe that came with an
+    adapter rather than from the user: `reft eval`, `reft generate`); `import_exclude`: a folder no
+    module may be imported from (an adapter's).
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r}: no such file")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {str(path)!r}: {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} bytes")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {str(path)!r}: not valid YAML: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {str(path)!r}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = _yaml(text, f"recipe {str(path)!r}")
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {str(path)!r}: expected a mapping with keys model, intervention, data, train")
     for item in overrides:
         set_key(raw, item)
-    return parse_recipe(raw, source=str(path))
+    return parse_recipe(raw, source=str(path), import_modules=import_modules, import_exclude=import_exclude)
+
+
+def _yaml(text: str, where: str) -> Any:
+    """`yaml.safe_load(text)`, refused before construction when aliases would expand it past
+    MAX_RECIPE_VALUES values (a few lines of `&a [*b, *b, ...]` can name billions) or refer to themselves."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_size(node)
+        if values is None:
+            raise RecipeError(f"{where}: a YAML alias refers to a value that contains it (a recursive &anchor/*alias)")
+        if values > MAX_RECIPE_VALUES:
+            raise RecipeError(
+                f"{where}: expands to more than {MAX_RECIPE_VALUES:,} values through YAML aliases (&anchor/*alias); "
+                "a recipe is a few dozen values"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: not valid YAML: {str(e)[:300]}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int | None:
+    """How many values the YAML node graph `root` expands to (every alias a copy of what it names),
+    capped just above MAX_RECIPE_VALUES; None for a cycle. Iterative: no recursion on deep documents."""
+    size: dict[int, int] = {}
+    started: set[int] = set()  # on the current path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = [] if isinstance(node, yaml.ScalarNode) else [c for item in node.value for c in (item if isinstance(item, tuple) else (item,))]
+        if finished:
+            started.discard(id(node))
+            size[id(node)] = min(1 + sum(size[id(c)] for c in children), MAX_RECIPE_VALUES + 1)
+            continue
+        if id(node) in size:
+            continue
+        started.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in started:
+                return None
+            if id(child) not in size:
+                stack.append((child, False))
+    return size[id(root)]
 
 
 def set_key(raw: dict[str, Any], item: str) -> None:
     """Apply one `--set` override `"section.key=value"` to raw recipe data, in place."""
     if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3 or intervention.layers=[3,9]")
+        raise RecipeError(f"--set {short(item)}: expected key=value, e.g. train.lr=1e-3 or intervention.layers=[3,9]")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"--set {short(item)}: the key {short(key)} has an empty part; e.g. train.lr")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = _yaml(text, f"--set {short(item)}") if text.strip() else None
+    except RecipeError as e:
+        if "not valid YAML" not in str(e):
+            raise
         value = text
     if isinstance(value, (dict, list)) and re.search(r"\{\w+\}", text):
         value = text  # a template such as {answer}, which YAML would read as a mapping
     node = raw
     for part in parts[:-1]:
         if not isinstance(node.get(part, {}), dict):
-            raise RecipeError(f"--set {item!r}: {part!r} is not a section")
+            raise RecipeError(f"--set {short(item)}: {short(part)} is not a section")
         node = node.setdefault(part, {})
     node[parts[-1]] = value
 
 
-def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
-    """Validate raw recipe data (a dict, as read from YAML) into a `Recipe`."""
+def parse_recipe(
+    raw: dict[str, Any],
+    source: str | None = None,
+    import_modules: bool = True,
+    import_exclude: str | os.PathLike | None = None,
+) -> Recipe:
+    """Validate raw recipe data (a dict, as read from YAML) into a `Recipe`.
+
+    The modules in `imports` are imported first (they may register interventions), found as `python -m`
+    finds modules (the working folder first); with `import_modules=False` they are not imported.
+    """
     from .train import TrainConfig
 
     raw = dict(raw)
@@ -210,11 +295,8 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
         if key not in raw:
             raise RecipeError(f"{key}: missing section; a recipe needs model, intervention, data (and train)")
     imports = _coerce(raw.get("imports") or [], list[str], "imports")
-    for module in imports:  # first: they may register interventions that the checks below accept
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise RecipeError(f"imports: cannot import {module!r}: {e}") from None
+    if import_modules:
+        _import_modules(imports, "imports", exclude=import_exclude)  # first: they may register interventions that the checks below accept
     name = _coerce(raw.get("name", "recipe"), str, "name")
     train = dict(raw.get("train") or {})
     if train.get("output_dir") is None:
@@ -228,13 +310,64 @@ def parse_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
         train=_section(TrainConfig, train, "train"),
         source=source,
     )
-    _validate(recipe)
+    try:
+        _validate(recipe)
+    except RecipeError as e:
+        if imports and not import_modules:
+            raise RecipeError(
+                f"{e} (the recipe's imports {short(imports)} were not imported: this command imports a module only "
+                "when you pass --import MODULE)"
+            ) from None
+        raise
     return recipe
+
+
+def _import_modules(modules: list[str], key: str, exclude: str | os.PathLike | None = None) -> None:
+    """Import `modules` as `python -m` finds them: the working folder first, then sys.path (so that a
+    module beside the recipe's user works under the `reft` console script too). Never a module from
+    inside folder `exclude` (an adapter's folder): it is checked before any code of it can run."""
+    cwd = os.getcwd()
+    banned = Path(os.path.realpath(exclude)) if exclude is not None else None
+
+    def inside(place: str) -> bool:
+        real = Path(os.path.realpath(place or cwd))
+        return banned is not None and (real == banned or banned in real.parents)
+
+    saved = sys.path[:]
+    sys.path[:] = [p for p in [cwd, *(p for p in saved if p not in ("", cwd))] if not inside(p)]
+    try:
+        for module in modules:
+            if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
+                raise RecipeError(f"{key}: {short(module)} is not a module name (e.g. my_interventions or pkg.module)")
+            parts = module.split(".")
+            for i in range(1, len(parts) + 1):  # each package on the way, before any of its code runs
+                name = ".".join(parts[:i])
+                try:
+                    spec = importlib.util.find_spec(name)
+                except (ImportError, ValueError) as e:
+                    raise RecipeError(f"{key}: cannot import {module!r}: {e}") from None
+                if spec is None:
+                    skipped = f" (the adapter's folder {str(exclude)!r} is never searched)" if exclude is not None else ""
+                    raise RecipeError(
+                        f"{key}: cannot import {module!r}: no module named {name!r} in the working folder or on sys.path{skipped}"
+                    )
+                places = ([spec.origin] if spec.has_location and spec.origin else []) + list(spec.submodule_search_locations or [])
+                if any(inside(place) for place in places):
+                    raise RecipeError(
+                        f"{key}: {module!r} is in the adapter's folder {str(exclude)!r}; modules are never imported from "
+                        "an adapter's folder: put it in a folder of your own"
+                    )
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise RecipeError(f"{key}: cannot import {module!r}: {e}") from None
+    finally:
+        sys.path[:] = saved
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{name}: expected a mapping of keys to values, got {raw!r}")
+        raise RecipeError(f"{name}: expected a mapping of keys to values, got {short(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     _check_keys(raw, list(fields), name + ".")
     hints = typing.get_type_hints(cls)
@@ -252,9 +385,10 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 def _check_keys(raw: dict[str, Any], valid: list[str], prefix: str) -> None:
     for key in raw:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
+            close = difflib.get_close_matches(str(key)[:100], valid, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{prefix}{key}: unknown key{hint} (valid: {', '.join(valid)})")
+            name = key if isinstance(key, str) and len(key) <= 80 else short(key)
+            raise RecipeError(f"{prefix}{name}: unknown key{hint} (valid: {', '.join(valid)})")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -274,22 +408,22 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise errors[0]
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise RecipeError(f"{key}: expected a list, got {value!r}")
+            raise RecipeError(f"{key}: expected a list, got {short(value)}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+            raise RecipeError(f"{key}: expected a mapping, got {short(value)}")
         return dict(value)
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        raise RecipeError(f"{key}: expected true or false, got {short(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        raise RecipeError(f"{key}: expected an integer, got {short(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -298,24 +432,24 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{key}: expected a number, got {value!r}")
+        raise RecipeError(f"{key}: expected a number, got {short(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise RecipeError(f"{key}: expected a string, got {value!r}")
+        raise RecipeError(f"{key}: expected a string, got {short(value)}")
     if typing.get_origin(hint) is typing.Literal:
         if value in args:
             return value
-        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        raise RecipeError(f"{key}: {short(value)} is not one of {', '.join(map(repr, args))}")
     return value
 
 
 def _choice(value: Any, valid: typing.Iterable[str], key: str) -> None:
     valid = list(valid)
     if value not in valid:
-        close = difflib.get_close_matches(str(value), valid, n=1)
+        close = difflib.get_close_matches(str(value)[:100], valid, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"{key}: {value!r} is not valid{hint} (valid: {', '.join(valid)})")
+        raise RecipeError(f"{key}: {short(value)} is not valid{hint} (valid: {', '.join(valid)})")
 
 
 def _validate(recipe: Recipe) -> None:
@@ -325,7 +459,7 @@ def _validate(recipe: Recipe) -> None:
     _choice(m.task, TASKS, "model.task")
     _choice(m.dtype, DTYPES, "model.dtype")
     if not (m.device in ("auto", "cpu", "cuda", "mps") or m.device.startswith("cuda:")):
-        raise RecipeError(f"model.device: {m.device!r} is not valid (valid: auto, cpu, cuda, cuda:N, mps)")
+        raise RecipeError(f"model.device: {short(m.device)} is not valid (valid: auto, cpu, cuda, cuda:N, mps)")
     if m.num_labels < 1:
         raise RecipeError(f"model.num_labels: {m.num_labels} must be >= 1")
     if m.architecture is not None:
@@ -360,7 +494,7 @@ def _validate(recipe: Recipe) -> None:
         _template_fields(getattr(d, key), f"data.{key}")
     for key in ("answer", "answer_pattern"):
         if getattr(d, key) is not None and m.task != "causal_lm":
-            raise RecipeError(f"data.{key}: answers are generated by causal LMs; model.task is {m.task!r} (use causal_lm, or remove it)")
+            raise RecipeError(f"data.{key}: answers are generated by causal LMs; model.task is {short(m.task)} (use causal_lm, or remove it)")
     if d.answer is not None:
         _template_fields(d.answer, "data.answer")
     try:
@@ -384,11 +518,11 @@ def _check_constructor(recipe: Recipe) -> None:
     for key in given:
         if key not in takes and not accepts_any:
             where = f"intervention.{key}" if key in ("rank", "dropout", "act", "dtype") else f"intervention.args.{key}"
-            raise RecipeError(f"{where}: intervention {iv.type!r} takes no {key!r} (it takes: {', '.join(takes) or 'nothing'})")
+            raise RecipeError(f"{where}: intervention {short(iv.type)} takes no {short(key)} (it takes: {', '.join(takes) or 'nothing'})")
     for name, p in params.items():
         if name not in ("self", "hidden_size") and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and name not in given:
             where = f"intervention.{name}" if name in ("rank", "dropout", "act", "dtype") else f"intervention.args.{name}"
-            raise RecipeError(f"{where}: intervention {iv.type!r} needs {name!r}")
+            raise RecipeError(f"{where}: intervention {short(iv.type)} needs {short(name)}")
     if isinstance(given.get("rank"), int) and given["rank"] < 1:
         raise RecipeError(f"intervention.rank: {given['rank']} must be >= 1")
     if given.get("dropout") is not None and not 0.0 <= given["dropout"] < 1.0:
@@ -407,16 +541,16 @@ def _parse_layers(layers: Any) -> list[int]:
             pass
     elif isinstance(layers, list) and layers and all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
         return list(layers)
-    raise RecipeError(f"intervention.layers: {layers!r} is not valid (valid: all, an index, a list such as [3, 9], or '3;9;18;24')")
+    raise RecipeError(f"intervention.layers: {short(layers)} is not valid (valid: all, an index, a list such as [3, 9], or '3;9;18;24')")
 
 
 def _template_fields(template: str, key: str) -> list[str]:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
-        raise RecipeError(f"{key}: malformed template {template!r}: {e}") from None
+        raise RecipeError(f"{key}: malformed template {short(template)}: {e}") from None
     if any(not n or not n.isidentifier() for n in names):
-        raise RecipeError(f"{key}: template {template!r} must name fields, e.g. '{{instruction}}'")
+        raise RecipeError(f"{key}: template {short(template)} must name fields, e.g. '{{instruction}}'")
     return names
 
 
@@ -560,7 +694,8 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
     """Check a recipe without loading weights: build the model from its config on the meta device.
 
     Returns a summary: sites, positions, trainable parameters (None where the model's config is not
-    on disk: a hub id never downloaded on this machine is then checked by schema only).
+    on disk: a hub id never downloaded on this machine is then checked by schema only), and under
+    "missing" what `missing_paths` finds missing (data files, a local model folder), when anything is.
     """
     import torch
 
@@ -572,17 +707,17 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         extra = {"num_labels": recipe.model.num_labels} if recipe.model.task == "classification" else {}
         config = transformers.AutoConfig.for_model(recipe.model.architecture, **extra)
         summary["note"] = (
-            f"the config of {recipe.model.path!r} is not on this machine: checked against the default "
+            f"the config of {short(recipe.model.path)} is not on this machine: checked against the default "
             f"{recipe.model.architecture} config (hidden {config.hidden_size}, {config.num_hidden_layers} layers)"
         )
     if config is None:
         summary["note"] = (
-            f"the config of {recipe.model.path!r} is not on this machine: sites were not checked "
+            f"the config of {short(recipe.model.path)} is not on this machine: sites were not checked "
             "(set model.architecture to check them against that model type's default config)"
         )
         summary["sites"] = recipe.intervention.sites or f"layers {recipe.intervention.layers}, {recipe.intervention.component}"
         summary["trainable_params"] = None
-        return summary
+        return _with_missing(summary, recipe)
     with torch.device("meta"):
         model = _model_class(recipe.model.task).from_config(config)
     rm = build_intervenable(recipe, model)
@@ -596,7 +731,27 @@ def dry_run(recipe: Recipe) -> dict[str, Any]:
         trainable_params=trainable,
         total_params=total,
     )
-    return summary
+    return _with_missing(summary, recipe)
+
+
+def _with_missing(summary: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
+    missing = missing_paths(recipe)
+    return {**summary, "missing": missing} if missing else summary
+
+
+def missing_paths(recipe: Recipe) -> list[str]:
+    """What the recipe names on this machine that is not there: data files, a local model folder (a hub
+    id is not checked: it may be downloaded when training starts). One message per missing path."""
+    d, missing = recipe.data, []
+    for key in ("train", "eval"):
+        source = getattr(d, key)
+        if source and Path(source).suffix.lower() in DATA_SUFFIXES and not Path(source).is_file():
+            missing.append(f"data.{key}: no such file {short(source)}")
+    path = recipe.model.path
+    local = path.startswith(("/", "./", "../", "~", ".\\")) or path in (".", "..") or path.count("/") > 1 or "\\" in path
+    if local and not Path(path).expanduser().exists():
+        missing.append(f"model.path: no such folder {short(path)} (a local path; a hub id looks like 'org/name')")
+    return missing
 
 
 # --------------------------------------------------------------------------------------- data
@@ -642,22 +797,70 @@ def _read_source(source: str, config: str | None, split: str | None, key: str) -
     suffix = Path(source).suffix.lower()
     if suffix in DATA_SUFFIXES:
         if not Path(source).is_file():
-            raise RecipeError(f"{key}: no such file {source!r}")
+            raise RecipeError(f"{key}: no such file {short(source)}")
+        if DATA_SUFFIXES[suffix] == "json":
+            return _read_json_rows(Path(source), key)
         extra = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        dataset = datasets.load_dataset(DATA_SUFFIXES[suffix], data_files=source, split="train", **extra)
+        try:
+            dataset = datasets.load_dataset(DATA_SUFFIXES[suffix], data_files=source, split="train", **extra)
+        except Exception as e:  # pandas' and pyarrow's parse errors name the line where they have one
+            raise RecipeError(f"{key}: {source}: cannot read it as {suffix[1:]} ({_cause(e)})") from None
     else:
         try:
             dataset = datasets.load_dataset(source, config, split=split or "train")
         except Exception as e:  # offline, unknown name, unknown split: say which key to fix
-            raise RecipeError(f"{key}: cannot load dataset {source!r} (config {config!r}, split {split!r}): {e}") from None
+            raise RecipeError(f"{key}: cannot load dataset {short(source)} (config {short(config)}, split {short(split)}): {e}") from None
     return [dict(row) for row in dataset]
+
+
+def _read_json_rows(path: Path, key: str) -> list[dict[str, Any]]:
+    """The examples of a JSON Lines file (one object a line), or of a JSON file holding a list of objects;
+    errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{key}: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if text.lstrip().startswith("["):  # one JSON list
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{key}: {path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise RecipeError(f"{key}: {path}: JSON nested too deeply") from None
+        lines = [None] * len(rows)
+    else:  # JSON Lines
+        rows, lines = [], []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{key}: {path}:{number}: not valid JSON ({e.msg}, column {e.colno}): {short(line)}") from None
+            except RecursionError:
+                raise RecipeError(f"{key}: {path}:{number}: JSON nested too deeply") from None
+            lines.append(number)
+    for i, (row, number) in enumerate(zip(rows, lines)):
+        if not isinstance(row, dict):
+            where = f"{path}:{number}" if number is not None else f"{path}: example {i}"
+            raise RecipeError(f"{key}: {where}: expected an object of fields, e.g. {{\"instruction\": ...}}, got {short(row)}")
+    return rows
+
+
+def _cause(error: Exception) -> str:
+    """An exception and the one it was raised from (datasets wraps pandas' errors), on one short line."""
+    parts = [f"{type(error).__name__}: {error}"]
+    if error.__cause__ is not None:
+        parts.append(f"{type(error.__cause__).__name__}: {error.__cause__}")
+    text = " <- ".join(parts).replace("\n", " ")
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _fill(template: str, row: dict[str, Any], key: str, index: int) -> str:
     try:
         return template.format(**{k: "" if v is None else v for k, v in row.items()})
     except KeyError as e:
-        raise RecipeError(f"{key}: example {index} has no field {e.args[0]!r} (its fields: {', '.join(row)})") from None
+        raise RecipeError(f"{key}: example {index} has no field {short(e.args[0])} (its fields: {', '.join(row)})") from None
 
 
 def answer_data(recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -665,7 +868,7 @@ def answer_data(recipe: Recipe) -> tuple[list[str], list[str]]:
     `reft.evaluate.answer_accuracy` (`reft eval --generate`)."""
     d = recipe.data
     if recipe.model.task != "causal_lm":
-        raise RecipeError(f"model.task: answers are generated by causal LMs, this recipe's task is {recipe.model.task!r}")
+        raise RecipeError(f"model.task: answers are generated by causal LMs, this recipe's task is {short(recipe.model.task)}")
     if d.answer is None:
         raise RecipeError("data.answer: the recipe has no gold answers: set data.answer, e.g. --set data.answer={answer}")
     rows = read_rows(recipe, "eval")
@@ -699,7 +902,7 @@ def build_data(recipe: Recipe, tokenizer):
         else:
             texts = [_fill(d.text, row, "data.text", i) for i, row in enumerate(rows)]
             if d.label not in rows[0]:
-                raise RecipeError(f"data.label: the examples have no field {d.label!r} (their fields: {', '.join(rows[0])})")
+                raise RecipeError(f"data.label: the examples have no field {short(d.label)} (their fields: {', '.join(rows[0])})")
             labels = [int(row[d.label]) for row in rows]
             out.append(reft_data.build_classification_data(tokenizer, texts, labels, max_length=d.max_length))
     return out[0], out[1]

@@ -20,10 +20,13 @@ does); `evaluate()` puts everything in eval mode and restores the previous modes
 from __future__ import annotations
 
 import base64
+import errno
+import hashlib
 import json
 import math
 import os
 import time
+from collections.abc import Mapping as AbcMapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._errors import short
 from .data import IGNORE_INDEX, Collator, TokenizedData
 from .evaluate import _eval_mode
 from .interventions.base import OrthonormalRows
@@ -42,6 +46,12 @@ _SCHEDULES = ("linear", "cosine", "constant")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _INPUTS = ("input_ids", "attention_mask", "prompt_mask", "positions", "adapter_names")
 LOG_NAME = "log.jsonl"
+# How a resumed run's TrainConfig may differ from its checkpoint's: these fields only decide what is
+# logged, evaluated and saved, and where; these may change on purpose, with fit(allow_changes=[...]);
+# every other field (the data order: batch_size, grad_accum, seed, group_by_length; precision,
+# base_dropout) must stay the same.
+_BOOKKEEPING = ("log_every", "eval_every", "save_every", "output_dir")
+_CHANGEABLE = ("lr", "max_steps", "epochs", "warmup_ratio", "schedule", "weight_decay", "max_grad_norm")
 
 
 @dataclass
@@ -69,12 +79,12 @@ class TrainConfig:
 
     def __post_init__(self):
         def bad(name: str, valid: str) -> ValueError:
-            return ValueError(f"TrainConfig.{name} = {getattr(self, name)!r}: must be {valid}")
+            return ValueError(f"TrainConfig.{name} = {short(getattr(self, name))}: must be {valid}")
 
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+        if not (_is_number(self.lr) and 0 < self.lr < 1):
             raise bad("lr", "a number in (0, 1), e.g. 4e-3")
-        if self.max_steps is None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise bad("epochs", "a positive number (or set max_steps)")
+        if self.max_steps is None and not (_is_number(self.epochs) and 0 < self.epochs < math.inf):
+            raise bad("epochs", "a positive finite number (or set max_steps)")
         if self.max_steps is not None and not (_is_int(self.max_steps) and self.max_steps >= 1):
             raise bad("max_steps", "an int >= 1 or None")
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -83,20 +93,23 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) is not None and not (_is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise bad(name, "an int >= 1 or None")
-        if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
+        if not (_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
             raise bad("warmup_ratio", "a number in [0, 1)")
-        if self.schedule not in _SCHEDULES:
+        if not (isinstance(self.schedule, str) and self.schedule in _SCHEDULES):
             raise bad("schedule", f"one of {', '.join(_SCHEDULES)}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise bad("weight_decay", "a number >= 0")
-        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
-            raise bad("max_grad_norm", "a number > 0 or None")
-        if self.precision not in _PRECISIONS:
+        if not (_is_number(self.weight_decay) and 0 <= self.weight_decay < math.inf):
+            raise bad("weight_decay", "a finite number >= 0")
+        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm) and 0 < self.max_grad_norm < math.inf):
+            raise bad("max_grad_norm", "a finite number > 0 or None")
+        if not (isinstance(self.precision, str) and self.precision in _PRECISIONS):
             raise bad("precision", f"one of {', '.join(_PRECISIONS)}")
         if not _is_int(self.seed):
             raise bad("seed", "an int")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise bad("gradient_checkpointing", "True or False")
+        for name in ("base_dropout", "group_by_length", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
+            raise bad("output_dir", "a folder path or None")
         if self.save_every is not None and self.output_dir is None:
             raise ValueError(f"TrainConfig.save_every = {self.save_every}: checkpoints need an output_dir")
 
@@ -165,6 +178,7 @@ class Trainer:
         self.history: list[dict] = []
         self._fitted = False
         self._lengths: list[int] | None = None  # example lengths, for group_by_length
+        self._fingerprint: dict | None = None  # of train_data, recorded in checkpoints
 
     # ----------------------------------------------------------------- sizes
     @property
@@ -179,26 +193,36 @@ class Trainer:
         return math.ceil(self.micro_batches_per_epoch / self.config.grad_accum)
 
     # ----------------------------------------------------------------- training
-    def fit(self, resume_from: str | os.PathLike | None = None) -> list[dict]:
+    def fit(self, resume_from: str | os.PathLike | None = None, allow_changes: Sequence[str] = ()) -> list[dict]:
         """Train for `max_steps` (or `epochs`); returns the history (the records also in log.jsonl).
 
         `resume_from`: a checkpoint folder, or `"latest"` (the newest `checkpoint-{step}` in
         output_dir, or a fresh start when there is none). Resuming restores the interventions, the
         optimizer, the schedule, the RNG states and the position in the data, so the run ends exactly
-        where an uninterrupted one would.
+        where an uninterrupted one would. It is refused, before anything is restored, when this run's
+        TrainConfig differs from the checkpoint's (every difference is named) or its train_data does;
+        `allow_changes` names the fields that may differ on purpose (of lr, max_steps, epochs,
+        warmup_ratio, schedule, weight_decay, max_grad_norm), e.g. `["lr", "max_steps"]`.
+        Without `resume_from`, an output_dir that holds checkpoints of an earlier run is refused.
+
+        Training stops with a FloatingPointError on a non-finite loss (nothing is saved after the last
+        finite step), and with a ValueError when the first backward pass gives no trainable parameter a
+        gradient (the loss does not depend on them).
         """
         cfg = self.config
+        allow = _check_allow_changes(allow_changes)
         if self._fitted and resume_from is None:
             raise RuntimeError(
                 "fit() already ran on this Trainer (its optimizer and schedule are spent): build a new Trainer, "
                 "or continue from a checkpoint with fit(resume_from=...)"
             )
-        self._fitted = True
-        torch.manual_seed(cfg.seed)  # the dropout stream; a resumed run restores its own below
         state = {"step": 0, "epoch": 0, "batches_done": 0, "history": []}
         checkpoint = self._checkpoint_to_resume(resume_from)
         if checkpoint is not None:
-            state = self._load(checkpoint)
+            state = self._load(checkpoint, allow)  # checks everything, then restores (the RNG states too)
+        else:
+            torch.manual_seed(cfg.seed)  # the dropout stream
+        self._fitted = True
         self.history = list(state["history"])
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
         if self.rank == 0 and cfg.output_dir is not None:
@@ -206,7 +230,9 @@ class Trainer:
 
         model = self.ddp if self.ddp is not None else self.rm
         self._window = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]  # loss sum, count
+        self._nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # the first step whose loss was not
         self._grad_norm = None
+        self._gradients_seen = False
         self._set_training(True)
         bar = _progress(self.total_steps, step, disable=self.rank != 0)
         started = self._started = time.perf_counter() - state.get("seconds", 0.0)  # a resumed run keeps counting
@@ -215,7 +241,7 @@ class Trainer:
                 batches = self._epoch_batches(epoch)
                 while step < self.total_steps and batches_done < len(batches):
                     group = batches[batches_done : batches_done + cfg.grad_accum]
-                    self._step(model, [self.collator([self.train_data[i] for i in idx]) for idx in group])
+                    self._step(model, [self.collator([self.train_data[i] for i in idx]) for idx in group], step + 1)
                     step, batches_done = step + 1, batches_done + len(group)
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == self.total_steps:
@@ -228,13 +254,14 @@ class Trainer:
                         self._save(step, epoch, batches_done)
                 if batches_done >= len(batches):
                     epoch, batches_done = epoch + 1, 0
+            self._check_finite(step)
         finally:
             bar.close()
             self._set_training(False)
         return self.history
 
-    def _step(self, model: nn.Module, micro: list[dict[str, torch.Tensor]]) -> None:
-        """One optimizer step over `micro` (1..grad_accum batches); no host sync."""
+    def _step(self, model: nn.Module, micro: list[dict[str, torch.Tensor]], step: int) -> None:
+        """Optimizer step `step` (1-based) over `micro` (1..grad_accum batches); no host sync."""
         micro = [_to_device(b, self.device) for b in micro]
         counts = torch.stack([_label_count(b["labels"]) for b in micro])  # [len(micro)]
         total = counts.sum()
@@ -249,7 +276,10 @@ class Trainer:
                 loss = loss_sum.float() * scale
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             self._window[0] += loss_sum.detach().float()
+            self._nonfinite.masked_fill_((self._nonfinite < 0) & ~torch.isfinite(loss_sum.detach()), step)
         self._window[1] += counts.sum()
+        if not self._gradients_seen:
+            self._check_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm is not None:
@@ -343,7 +373,40 @@ class Trainer:
             return result
 
     # ----------------------------------------------------------------- logging and checkpoints
+    def _check_gradients(self) -> None:
+        """After the first backward pass: some trainable parameter must have received a gradient."""
+        if all(p.grad is None for p in self.params):
+            raise ValueError(
+                f"no trainable parameter received a gradient in the first step (all {len(self.params)} have grad None): "
+                f"the loss does not depend on the interventions. The base model ({type(self.rm.model).__name__}) may run "
+                "layers that autograd cannot differentiate (e.g. quantized with torch.ao.quantization.quantize_dynamic: "
+                "train on the float model), or the edited sites are not on the way to the loss"
+            )
+        self._gradients_seen = True
+
+    def _check_finite(self, step: int, parameters: bool = False) -> None:
+        """Stop on a non-finite loss since the last check (and, before a save, non-finite parameters)."""
+        flag = self._nonfinite.clone()
+        if parameters and self.params:
+            finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all()
+            flag = torch.where((flag < 0) & ~finite, step, flag)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = int(flag)  # a host sync, at the log, save and end points only
+        if bad < 0:
+            return
+        from .checkpoint import latest_checkpoint
+
+        kept = latest_checkpoint(self.config.output_dir) if self.config.output_dir is not None else None
+        raise FloatingPointError(
+            f"the loss (or a parameter) at step {bad} is not finite (nan or inf): training stopped at step {step}, "
+            f"saving nothing after it; the last checkpoint, from before, is {kept or 'none (no checkpoint was saved)'}. "
+            f"Lower the learning rate (lr={self.config.lr:g}), train in fp32 or bf16 rather than fp16 "
+            f"(precision={self.config.precision!r}), or look for extreme values in the data"
+        )
+
     def _log_record(self, step: int, epoch: float, started: float) -> dict:
+        self._check_finite(step)
         window = torch.stack(self._window)
         if self.world > 1:
             dist.all_reduce(window)
@@ -365,14 +428,12 @@ class Trainer:
     def _record(self, record: dict) -> None:
         self.history.append(record)
         if self.rank == 0 and self.config.output_dir is not None:
-            path = Path(self.config.output_dir) / LOG_NAME
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_line(Path(self.config.output_dir) / LOG_NAME, json.dumps(record) + "\n")
 
     def _save(self, step: int, epoch: int, batches_done: int) -> None:
         from .checkpoint import save_training_checkpoint
 
+        self._check_finite(step, parameters=True)  # a checkpoint only of finite parameters
         # Every process's own RNG states (dropout at every token draws a batch-dependent amount, so
         # the processes' streams part ways); the checkpoint's own RNG record is rank 0's.
         process_rng = None
@@ -388,7 +449,8 @@ class Trainer:
                 "history": self.history,
                 "seconds": time.perf_counter() - self._started,
                 "world_size": self.world,
-                "config": asdict(self.config),
+                "config": {**asdict(self.config), "output_dir": str(self.config.output_dir)},
+                "data": self._data_fingerprint(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }
             save_training_checkpoint(Path(self.config.output_dir) / f"checkpoint-{step}", self.rm, self.optimizer, self.scheduler, state)
@@ -396,36 +458,108 @@ class Trainer:
             dist.barrier()  # a resumed job then finds the checkpoint on every process
 
     def _checkpoint_to_resume(self, resume_from) -> str | None:
-        from .checkpoint import latest_checkpoint
+        from .checkpoint import _checkpoints, latest_checkpoint
 
+        output_dir = self.config.output_dir
         if resume_from is None:
+            found = _checkpoints(output_dir) if output_dir is not None else []
+            if found:
+                names = [Path(path).name for _, path in found]
+                raise ValueError(
+                    f"output_dir {str(output_dir)!r} holds checkpoints of an earlier run ({short(names)}): continue that "
+                    "run with fit(resume_from='latest') (reft train --resume latest), or train into another output_dir"
+                )
             return None
         if str(resume_from) == "latest":
-            if self.config.output_dir is None:
+            if output_dir is None:
                 raise ValueError("resume_from='latest' looks in output_dir, but TrainConfig.output_dir is None")
-            return latest_checkpoint(self.config.output_dir)
+            return latest_checkpoint(output_dir)
         if not Path(resume_from).is_dir():
             raise FileNotFoundError(f"resume_from={str(resume_from)!r}: no such checkpoint folder")
         return str(resume_from)
 
-    def _load(self, path: str) -> dict:
-        from .checkpoint import load_training_checkpoint
+    def _load(self, path: str, allow: set[str]) -> dict:
+        """Check that the checkpoint at `path` continues this run, then restore it; returns its state."""
+        from .checkpoint import _read_training_state, load_training_checkpoint
 
-        state = load_training_checkpoint(path, self.rm, self.optimizer, self.scheduler)
-        saved = state.get("config", {})
-        for key in ("batch_size", "grad_accum", "seed"):
-            if saved.get(key) != getattr(self.config, key):
+        state = _read_training_state(path)
+        saved = state.get("config") if isinstance(state.get("config"), dict) else {}  # older checkpoints: none
+        self._check_resume(path, state, saved, allow)
+        process_rng = _checked_process_rng(state.get("process_rng"), self.rank, self.world, path)
+        scaler = state.get("scaler")
+        if self.scaler is not None and scaler is not None and not (
+            isinstance(scaler, dict) and set(scaler) == set(self.scaler.state_dict())
+        ):
+            raise ValueError(f"{path}: malformed fp16 loss-scaler state {short(scaler)}")
+        fresh_decay = [g["weight_decay"] for g in self.optimizer.param_groups]
+        state = load_training_checkpoint(path, self.rm, self.optimizer, self.scheduler)  # checks, then restores
+        self._apply_changes(saved, allow, fresh_decay)
+        if self.scaler is not None and scaler:
+            self.scaler.load_state_dict(scaler)
+        if process_rng is not None:
+            _set_process_rng(process_rng)
+        return state
+
+    def _check_resume(self, path: str, state: dict, saved: dict, allow: set[str]) -> None:
+        """Errors, before anything is restored, for a checkpoint this run cannot continue."""
+        mine = asdict(self.config)
+        differ = [k for k in mine if k in saved and k not in _BOOKKEEPING and saved[k] != mine[k]]
+        refused = [k for k in differ if k not in allow]
+        if refused:
+            listing = "; ".join(f"saved with {k}={short(saved[k])}, this run has {k}={short(mine[k])}" for k in refused)
+            fixed = [k for k in refused if k not in _CHANGEABLE]
+            hint = (
+                f"resuming needs the same {', '.join(fixed)} (the data order and the numerics)"
+                if fixed
+                else f"to change them on purpose, pass fit(..., allow_changes={refused!r}) "
+                f"(reft train ... {' '.join('--allow-change ' + k for k in refused)})"
+            )
+            raise ValueError(f"{path}: {listing}: {hint}")
+        data = state.get("data")
+        if isinstance(data, dict):
+            mine_data = self._data_fingerprint()
+            if data != mine_data:
                 raise ValueError(
-                    f"{path}: saved with {key}={saved.get(key)!r}, this run has {key}={getattr(self.config, key)!r}; "
-                    "resuming needs the same data order: use the same batch_size, grad_accum and seed"
+                    f"{path}: the checkpoint was trained on {short(data.get('examples'))} examples (sha256 "
+                    f"{str(data.get('sha256'))[:12]}...), this run's train_data has {mine_data['examples']} (sha256 "
+                    f"{mine_data['sha256'][:12]}...): a resumed run continues on the same data; train a new run, "
+                    "in another output_dir, on other data"
                 )
         if state.get("world_size") != self.world:
-            raise ValueError(f"{path}: saved with {state.get('world_size')} processes, this run has {self.world}")
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if state.get("process_rng"):
-            _set_process_rng(state["process_rng"][self.rank])
-        return state
+            raise ValueError(f"{path}: saved with {short(state.get('world_size'))} processes, this run has {self.world}")
+        for key in ("step", "epoch", "batches_done"):
+            if not (_is_int(state.get(key)) and state[key] >= 0):
+                raise ValueError(f"{path}: malformed training state: {key} = {short(state.get(key))}, expected an int >= 0")
+        if not isinstance(state.get("history"), list):
+            raise ValueError(f"{path}: malformed training state: history = {short(state.get('history'))}, expected a list")
+        if state["step"] >= self.total_steps:
+            limit = f"max_steps={self.config.max_steps}" if self.config.max_steps else f"epochs={self.config.epochs:g}"
+            raise ValueError(
+                f"{path} is at step {state['step']}, and this run trains {self.total_steps} steps ({limit}): nothing is "
+                "left to train. To train further, raise max_steps and allow it: fit(..., allow_changes=['max_steps']) "
+                "(reft train ... --set train.max_steps=N --allow-change max_steps)"
+            )
+
+    def _apply_changes(self, saved: dict, allow: set[str], fresh_decay: list[float]) -> None:
+        """Put the allowed changes of this run's config over the restored optimizer and schedule."""
+        mine = asdict(self.config)
+        changed = {k for k in allow if k in saved and saved[k] != mine[k]}
+        groups = self.optimizer.param_groups
+        if changed & {"lr", "max_steps", "epochs", "warmup_ratio", "schedule"}:  # the schedule from here on
+            sched = self.scheduler
+            sched.base_lrs = [self.config.lr] * len(groups)
+            lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+            for group, lr in zip(groups, lrs):
+                group["initial_lr"], group["lr"] = self.config.lr, lr
+            sched._last_lr = lrs
+        if "weight_decay" in changed:
+            for group, decay in zip(groups, fresh_decay):
+                group["weight_decay"] = decay
+
+    def _data_fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self.train_data)
+        return self._fingerprint
 
     # ----------------------------------------------------------------- modes
     def _set_training(self, training: bool) -> None:
@@ -526,6 +660,11 @@ def _check_data(rm: nn.Module, data: Sequence[Any], name: str, world: int, confi
     """Errors, before any training, for an empty dataset, examples past the model's context, bad labels."""
     if len(data) == 0:
         raise ValueError(f"{name} is empty: give at least one example")
+    if not _has_labelled_token(data):
+        raise ValueError(
+            f"{name}: none of its {len(data)} examples has a labelled token (every label is {IGNORE_INDEX}): "
+            "the loss would be 0 and nothing would be learned; check that the responses are not empty or masked out"
+        )
     if not isinstance(data, TokenizedData):
         return
     model_config = getattr(rm.model, "config", None)
@@ -623,6 +762,66 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def _check_allow_changes(allow_changes: Sequence[str]) -> set[str]:
+    if isinstance(allow_changes, str):
+        allow_changes = [allow_changes]
+    bad = [k for k in allow_changes if k not in _CHANGEABLE]
+    if bad:
+        raise ValueError(
+            f"allow_changes: {short(bad)} cannot change when a run resumes; the fields that can: {', '.join(_CHANGEABLE)} "
+            "(batch_size, grad_accum, seed and group_by_length decide the data order; precision and base_dropout "
+            "the numerics)"
+        )
+    return set(allow_changes)
+
+
+def _has_labelled_token(data: Sequence[Any]) -> bool:
+    """Whether some example carries a label that is not IGNORE_INDEX (for token labels `[n]`, past the
+    first token, which nothing predicts). Usually decided by the first example."""
+    for i in range(len(data)):
+        example = data[i]
+        labels = example.get("labels") if isinstance(example, AbcMapping) else None
+        if labels is None:
+            return True  # examples this loop cannot read: the collator's business
+        labels = torch.as_tensor(labels)
+        if labels.dim() == 1:
+            labels = labels[1:]
+        if bool((labels != IGNORE_INDEX).any()):
+            return True
+    return False
+
+
+def _fingerprint(data: Sequence[Any]) -> dict:
+    """`{"examples": n, "sha256": ...}` of a dataset: its examples' tensors, strings and numbers, in order
+    (other values count by their type only)."""
+    h = hashlib.sha256()
+    for i in range(len(data)):
+        _hash_into(h, data[i])
+    return {"examples": len(data), "sha256": h.hexdigest()}
+
+
+def _hash_into(h: "hashlib._Hash", value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, AbcMapping):
+        h.update(b"{")
+        for key in sorted(value, key=str):
+            h.update(f"{key!s}:".encode())
+            _hash_into(h, value[key])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for item in value:
+            _hash_into(h, item)
+        h.update(b"]")
+    elif isinstance(value, (str, int, float, bool)) or value is None:
+        h.update(f"{type(value).__name__} {value!r};".encode())
+    else:
+        h.update(f"<{type(value).__qualname__}>;".encode())
+
+
 def _process_rng() -> dict[str, str]:
     """This process's torch RNG states (CPU, and its current CUDA device's) as base64 text, for JSON."""
     encode = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
@@ -632,11 +831,27 @@ def _process_rng() -> dict[str, str]:
     return rng
 
 
-def _set_process_rng(rng: dict[str, str]) -> None:
-    decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(decode(rng["cpu"]))
+def _checked_process_rng(value: Any, rank: int, world: int, path: str) -> dict[str, torch.Tensor] | None:
+    """This process's saved RNG states (`state["process_rng"][rank]`), decoded and tried on scratch
+    generators, or a ValueError: a bad state fails before anything is restored."""
+    if value is None:
+        return None
+    try:
+        if not (isinstance(value, list) and len(value) == world and isinstance(value[rank], dict)):
+            raise ValueError(f"expected a list of {world} dicts, got {short(value)}")
+        rng = {k: torch.frombuffer(bytearray(base64.b64decode(v, validate=True)), dtype=torch.uint8) for k, v in value[rank].items()}
+        torch.Generator().set_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available() and rng["cuda"].shape != torch.cuda.get_rng_state().shape:
+            raise ValueError(f"a CUDA state of {rng['cuda'].numel()} bytes")
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # binascii.Error is a ValueError
+        raise ValueError(f"{path}: process {rank}'s saved RNG state cannot be restored ({str(e)[:200]}); nothing was restored") from None
+    return rng
+
+
+def _set_process_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(decode(rng["cuda"]))
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def _progress(total: int, initial: int, disable: bool):
@@ -647,12 +862,50 @@ def _progress(total: int, initial: int, disable: bool):
 
 def _write_log(path: Path, records: list[dict]) -> None:
     """Rewrite log.jsonl with `records` (atomically), e.g. after resuming from a checkpoint."""
+    from .checkpoint import _write_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    _write_file(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append `line` to `path` whole or not at all: a write cut short (a full disk) is truncated away,
+    and a line cut short before (a crash mid-write) is dropped first, so the file holds whole lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end:
+            size = min(end, 1 << 16)
+            os.lseek(fd, end - size, os.SEEK_SET)
+            tail = os.read(fd, size)
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut >= 0 or size == end:
+                    end = end - size + cut + 1
+                    os.ftruncate(fd, end)
+                else:
+                    data = b"\n" + data  # a cut line longer than we look back: leave it on its own line
+        os.lseek(fd, end, os.SEEK_SET)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as e:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise OSError(e.errno, f"{e.strerror}; the record was not logged, the log keeps its whole lines", str(path)) from None
+    finally:
+        os.close(fd)
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    """An int or float that is not a bool nor NaN (comparisons with NaN are all False anyway)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x

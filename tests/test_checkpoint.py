@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import reft
 import reft.checkpoint as ck
 from reft.interventions.base import intervention_class
 
-from . import tiny
+from . import disk, tiny
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = [n for n in reft.registered_interventions() if intervention_class(n).__module__.startswith("reft.")]
@@ -229,12 +230,12 @@ def _edit_config(folder: Path, edit) -> None:
 
 
 def _rewrite_weights(folder: Path, edit) -> None:
-    """Rewrite the tensors file and drop its recorded checksum (to reach the checks behind it)."""
+    """Rewrite the tensors file and record its new size and checksum (to reach the checks behind them)."""
     file = folder / "adapter_model.safetensors"
     tensors = load_file(file)
     edit(tensors)
     save_file(tensors, file)
-    _edit_config(folder, lambda c: c.pop("files"))
+    _edit_config(folder, lambda c: c.update(files={file.name: ck._file_record(file.read_bytes())}))
 
 
 def _truncate(folder: Path, keep_checksum: bool) -> None:
@@ -256,8 +257,8 @@ INVALID = {
     "model_type": (lambda: tiny.causal_lm("gpt2"), None, ValueError, ["model_type", "'llama'", "'gpt2'"]),
     "hidden_size": (lambda: tiny.causal_lm(hidden_size=64), None, ValueError, ["hidden_size 32", "hidden_size 64"]),
     "num_layers": (lambda: tiny.causal_lm(num_hidden_layers=3), None, ValueError, ["num_layers 2", "num_layers 3"]),
-    "truncated": (tiny.causal_lm, lambda f: _truncate(f, True), ValueError, ["truncated", "sha256"]),
-    "truncated_no_checksum": (tiny.causal_lm, lambda f: _truncate(f, False), ValueError, ["not a valid safetensors", "truncated"]),
+    "truncated": (tiny.causal_lm, lambda f: _truncate(f, True), ValueError, ["truncated", r"has \d+ bytes, but the config records \d+ bytes"]),
+    "truncated_no_checksum": (tiny.causal_lm, lambda f: _truncate(f, False), ValueError, ["records no size and checksum"]),
     "corrupt": (tiny.causal_lm, _flip_byte, ValueError, ["corrupt", "sha256"]),
     "garbage": (tiny.causal_lm, lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x00" * 64), ValueError, ["corrupt"]),
     "missing_tensor": (
@@ -288,6 +289,12 @@ INVALID = {
         ["unknown intervention 'os.system'", "registered: .*loreft.*red"],
     ),
     "bad_constructor_args": (
+        tiny.causal_lm,
+        lambda f: _edit_config(f, lambda c: c["sites"][0]["interventions"][0]["config"].update(act="swish")),
+        ValueError,
+        ["cannot build 'loreft'", "unknown activation 'swish'"],
+    ),
+    "rank_above_hidden_size": (  # checked against the model before anything is built
         tiny.causal_lm,
         lambda f: _edit_config(f, lambda c: c["sites"][0]["interventions"][0]["config"].update(rank=99)),
         ValueError,
@@ -513,7 +520,7 @@ def test_training_checkpoint_of_another_adapter_restores_nothing(tmp_path):
     )
     opt = torch.optim.AdamW(other.trainable_parameters(), lr=1e-2)
     params = [p.detach().clone() for p in other.trainable_parameters()]
-    with pytest.raises(ValueError, match="'rank': 4.*differ from the model's.*'rank': 2"):
+    with pytest.raises(ValueError, match='sites differ from the model\'s: .*"rank": 4.* vs .*"rank": 2'):
         ck.load_training_checkpoint(tmp_path / "c", other, opt)
     assert all(torch.equal(a, b) for a, b in zip(params, other.trainable_parameters()))
     assert opt.state_dict()["state"] == {}
@@ -609,3 +616,181 @@ def test_docs_examples_run(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "docs/adapters.md", "exec"), namespace)
     assert (tmp_path / "run" / "checkpoint-3").is_dir()
+
+
+# ------------------------------------------- writes never remove what they did not write
+def _user_project(folder: Path) -> None:
+    """A folder of the user's own: a note and a source tree."""
+    (folder / "src").mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "src" / "main.py").write_text("print('hi')")
+
+
+def test_save_into_a_folder_of_user_files_refuses_and_removes_nothing(tmp_path):
+    _user_project(tmp_path / "d")
+    before = disk.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"d: holds 2 entries this library did not write \(\['notes.txt', 'src/'\]\)"):
+        _lm_adapter().save_pretrained(tmp_path / "d")
+    assert disk.snapshot(tmp_path) == before
+
+
+def test_save_through_a_symlink_to_a_full_folder_never_empties_it(tmp_path):
+    _user_project(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    before = disk.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"real: holds 2 entries this library did not write"):
+        _lm_adapter().save_pretrained(tmp_path / "link")
+    assert disk.snapshot(tmp_path) == before
+
+
+def test_a_symlink_inside_the_folder_is_refused_too(tmp_path):
+    _lm_adapter().save_pretrained(tmp_path / "a")
+    (tmp_path / "elsewhere.txt").write_text("x")
+    (tmp_path / "a" / "log.jsonl").symlink_to(tmp_path / "elsewhere.txt")
+    before = disk.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"\['log.jsonl'\]"):
+        _lm_adapter().save_pretrained(tmp_path / "a")
+    assert disk.snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["swap", "two-renames"])
+def test_save_keeps_this_librarys_entries_it_does_not_rewrite(tmp_path, monkeypatch, exchange):
+    """An output_dir holding a log, a recipe, a training checkpoint and another adapter's sub-folder
+    accepts the save, replaces the adapter files and keeps everything else byte for byte."""
+    if not exchange:
+        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    _lm_adapter(seed=1).save_pretrained(out)
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    (out / "recipe.yaml").write_text("name: x\n")
+    rm, optimizer, scheduler = _trainable(seed=0)
+    ck.save_training_checkpoint(out / "checkpoint-2", rm, optimizer, scheduler, {"step": 2})
+    _lm_adapter(seed=3).save_pretrained(out / "other")  # an adapter sub-folder (a second named adapter)
+    kept = {k: v for k, v in disk.snapshot(out).items() if not k.startswith("adapter_")}
+    second = _lm_adapter(seed=2)
+    second.save_pretrained(out)
+    assert {k: v[:3] for k, v in disk.snapshot(out).items() if not k.startswith("adapter_")} == {k: v[:3] for k, v in kept.items()}
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), out)
+    assert torch.equal(_logits(loaded, _batch()), _logits(second, _batch()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or .old folder left
+
+
+@pytest.mark.parametrize("path", [".", "", "..", "{cwd}"])
+def test_save_into_the_working_folder_or_above_is_refused(tmp_path, monkeypatch, path):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    path = path.format(cwd=work)
+    before = disk.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=f"save path {re.escape(repr(path))} is (the working folder|a folder above)"):
+        _lm_adapter().save_pretrained(path)
+    assert disk.snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_folders_and_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        _lm_adapter().save_pretrained(tmp_path / "a")
+        ck._write_file(tmp_path / "a" / "recipe.yaml", b"name: x\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml"):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_two_writers_creating_the_same_folder_both_succeed(tmp_path):
+    """Two saves racing to create one new folder: before, one in ~14 raced into `Directory not empty`."""
+    rm = _lm_adapter()
+    errors = []
+
+    def save(target, barrier):
+        barrier.wait()
+        try:
+            rm.save_pretrained(target)
+        except Exception as e:  # noqa: BLE001 - collected and shown below
+            errors.append(repr(e))
+
+    for k in range(60):
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=save, args=(tmp_path / f"a{k}", barrier)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    for k in (0, 59):
+        loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / f"a{k}")
+        assert torch.equal(_logits(loaded, _batch()), _logits(rm, _batch()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"a{k}" for k in range(60))
+
+
+# ------------------------------------------------ bounds before reading and building
+def test_intervention_hidden_size_is_checked_before_anything_is_built(saved, monkeypatch):
+    built = []
+    monkeypatch.setattr(ck._Plan, "build", lambda self, folder: built.append(1))
+    _edit_config(saved, lambda c: c["sites"][0]["interventions"][0]["config"].update(hidden_size=200_000_000))
+    with pytest.raises(ValueError, match="'loreft' has hidden_size 200000000, but the site's hidden size is 32"):
+        reft.IntervenableModel.from_pretrained(tiny.causal_lm(), saved)
+    assert built == []
+
+
+def test_a_tensor_file_replaced_by_a_big_one_is_not_read(saved, tmp_path, monkeypatch):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(3 * 2**30)  # sparse: 3 GB on paper, nothing on disk
+    (saved / "adapter_model.safetensors").unlink()
+    (saved / "adapter_model.safetensors").symlink_to(big)
+    reads = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: (reads.append(str(f)), real_open(f, *a, **k))[1])
+    with pytest.raises(ValueError, match=r"has 3221225472 bytes, but the config records \d+ bytes"):
+        reft.IntervenableModel.from_pretrained(tiny.causal_lm(), saved)
+    assert not any(r.endswith(".safetensors") for r in reads)
+
+
+def test_deeply_nested_json_is_refused(saved):
+    (saved / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="JSON nested deeper than 32 levels"):
+        reft.IntervenableModel.from_pretrained(tiny.causal_lm(), saved)
+    nested: list = [1]
+    for _ in range(40):  # within Python's own limit, past ours
+        nested = [nested]
+    (saved / "adapter_config.json").write_text(json.dumps({"format": nested}))
+    with pytest.raises(ValueError, match="JSON nested deeper than 32 levels"):
+        reft.IntervenableModel.from_pretrained(tiny.causal_lm(), saved)
+
+
+@pytest.mark.parametrize("tamper", ["torch", "python", "numpy"])
+def test_a_bad_rng_state_is_refused_before_anything_is_restored(tmp_path, tamper):
+    rm, optimizer, scheduler = _trainable(seed=0)
+    _train(rm, optimizer, scheduler, 1)
+    ck.save_training_checkpoint(tmp_path / "c", rm, optimizer, scheduler, {"step": 1})
+    record_file, tensors_file = tmp_path / "c" / "training_state.json", tmp_path / "c" / "training_state.safetensors"
+    record = json.loads(record_file.read_text())
+    if tamper == "torch":
+        tensors = load_file(tensors_file)
+        tensors["rng.torch"] = tensors["rng.torch"][:100].clone()
+        save_file(tensors, tensors_file)
+        record["files"] = {tensors_file.name: ck._file_record(tensors_file.read_bytes())}
+    elif tamper == "python":
+        record["rng"]["python"]["__tuple__"][1]["__tuple__"] = [1, 2, 3]
+    else:
+        record["rng"]["numpy"]["keys"] = [0] * 5
+    record_file.write_text(json.dumps(record))
+    rm2, optimizer2, scheduler2 = _trainable(seed=3)
+    params = [p.detach().clone() for p in rm2.trainable_parameters()]
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    with pytest.raises(ValueError, match="the saved RNG state cannot be restored .*; nothing was restored"):
+        ck.load_training_checkpoint(tmp_path / "c", rm2, optimizer2, scheduler2)
+    assert all(torch.equal(a, b) for a, b in zip(params, rm2.trainable_parameters()))
+    assert optimizer2.state_dict()["state"] == {} and scheduler2.last_epoch == 0
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert (np.random.get_state()[1] == rng[2]).all()
+
+
+def test_own_file_names_match_the_writers():
+    from reft import cli, train
+
+    assert {cli.RECIPE_NAME, train.LOG_NAME} <= set(ck._OWN_FILES)

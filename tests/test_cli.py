@@ -15,6 +15,8 @@ import yaml
 
 from reft.cli import main
 
+from . import disk
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -48,16 +50,28 @@ def test_console_script_is_declared_and_installed():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_passes_dry_run(path, capsys):
-    assert main(["train", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "OK (dry run, no weights loaded)" in out and "trainable_params" in out
+    """A recipe whose data file is on this machine passes; one whose data is not (the papers' data sets,
+    downloaded by the user) is checked all the same, then refused, naming the missing file."""
+    train = yaml.safe_load(path.read_text())["data"]["train"]
+    missing = Path(train).suffix in (".json", ".jsonl") and not (ROOT / train).is_file()
+    code = main(["train", str(path), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert "trainable_params" in out
+    if missing:
+        assert code == 2 and f"data.train: no such file {train!r} (the recipe itself is valid)" in err
+        assert main(["train", str(path), "--dry-run", "--set", "data.train=configs/data/pirate.jsonl"]) == 0
+        out = capsys.readouterr().out
+    else:
+        assert code == 0
+    assert "OK (dry run, no weights loaded)" in out
 
 
 def test_bad_recipe_exits_2_with_the_key(capsys):
     code = main(["train", str(ROOT / "configs/smollm2_pirate.yaml"), "--dry-run", "--set", "intervention.typ=red"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "reft train: error: intervention.typ: unknown key; did you mean 'type'?" in err
+    assert err.startswith("reft train: error: ") and err.count("\n") == 1
+    assert "configs/smollm2_pirate.yaml: intervention.typ: unknown key; did you mean 'type'?" in err
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +201,61 @@ def test_eval_generate_scores_answers_and_writes_predictions(tiny_lm, tmp_path, 
     assert main([*generate, *(arg for r in rows[:3] for arg in ("--prompt", r["prompt"]))]) == 0
     printed = [line.strip() for line in capsys.readouterr().out.splitlines() if not line.startswith("prompt:")]
     assert printed == [r["generation"].strip().replace("\n", " ") for r in rows[:3]]
+
+
+# ------------------------------------------------------------------ nothing run, nothing lost
+def _tiny_adapter(tiny_lm, folder: Path, data: Path, **recipe_extra) -> dict:
+    """A saved (untrained) adapter on the tiny model, with the recipe.yaml `reft train` would write."""
+    from reft.recipes import build_intervenable, load_model, parse_recipe
+
+    data.write_text("".join(json.dumps({"instruction": f"Q{i}?", "output": f"A{i}."}) + "\n" for i in range(4)))
+    recipe = {
+        "name": "tiny",
+        "model": {"path": str(tiny_lm), "task": "causal_lm", "device": "cpu"},
+        "intervention": {"type": "loreft", "rank": 2, "layers": [1], "positions": "l1"},
+        "data": {"train": str(data), "eval": str(data)},
+        "train": {"output_dir": str(folder.parent), "batch_size": 2},
+        **recipe_extra,
+    }
+    model, _ = load_model(parse_recipe(recipe, import_modules=False))
+    torch.manual_seed(0)
+    build_intervenable(parse_recipe(recipe, import_modules=False), model).save_pretrained(folder)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return recipe
+
+
+def test_eval_from_inside_an_adapter_runs_no_code_of_it(tiny_lm, tmp_path, monkeypatch, capsys):
+    """`python -m reft.cli eval .` inside an adapter whose recipe.yaml names `imports: [helpers]`, with a
+    helpers.py beside it: before, helpers.py ran. `python -m` puts the working folder on sys.path first."""
+    adapter = tmp_path / "run" / "adapter"
+    _tiny_adapter(tiny_lm, adapter, tmp_path / "qa.jsonl", imports=["helpers_issue13"])
+    marker = tmp_path / "helpers-ran"
+    (adapter / "helpers_issue13.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.chdir(adapter)
+    monkeypatch.syspath_prepend(str(adapter))
+    try:
+        assert main(["eval", "."]) == 0
+        assert "eval_loss" in capsys.readouterr().out
+        assert main(["eval", ".", "--import", "helpers_issue13"]) == 2
+        err = capsys.readouterr().err
+        assert "--import: cannot import 'helpers_issue13': no module named 'helpers_issue13' in the working folder or on " \
+            "sys.path (the adapter's folder '.' is never searched)" in err
+        assert main(["generate", ".", "--prompt", "Hi", "--max-new-tokens", "1", "--import", "helpers_issue13"]) == 2
+        assert not marker.exists() and "helpers_issue13" not in sys.modules
+    finally:
+        sys.modules.pop("helpers_issue13", None)
+
+
+def test_train_refuses_an_adapter_folder_with_user_files_before_training(tiny_lm, tmp_path, capsys):
+    """`--set train.output_dir=proj` where proj/adapter/ holds a user file: before, training ran and the
+    save then removed the file."""
+    recipe = _tiny_adapter(tiny_lm, tmp_path / "elsewhere" / "adapter", tmp_path / "qa.jsonl")
+    (tmp_path / "proj" / "adapter").mkdir(parents=True)
+    (tmp_path / "proj" / "adapter" / "notes.txt").write_text("mine")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "train": {"max_steps": 1}}))
+    before = disk.snapshot(tmp_path / "proj")
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "r.yaml"), "--set", f"train.output_dir={tmp_path / 'proj'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "proj/adapter: holds 1 entry this library did not write (['notes.txt'])" in err
+    assert disk.snapshot(tmp_path / "proj") == before  # nothing trained, logged or saved

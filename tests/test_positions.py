@@ -7,15 +7,16 @@ from reft.positions import PositionSpec, rank_to_position, resolve
 
 
 def reference(spec: PositionSpec, mask: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
-    """Plain-Python statement of the rule: suffix takes the last min(m, n) tokens, prefix what precedes."""
+    """Plain-Python statement of the rule: suffix takes the last min(m, n) tokens, prefix what precedes;
+    each side is as wide as its count, capped at the sequence length T."""
     prefixes, suffixes = [], []
     for row in mask:
         real = [t for t, bit in enumerate(row) if bit]
         take_last = min(spec.last, len(real))
         suffix = real[len(real) - take_last :]
         prefix = real[: min(spec.first, len(real) - take_last)]
-        prefixes.append(prefix + [-1] * (spec.first - len(prefix)))
-        suffixes.append([-1] * (spec.last - len(suffix)) + suffix)
+        prefixes.append(prefix + [-1] * (min(spec.first, len(row)) - len(prefix)))
+        suffixes.append([-1] * (min(spec.last, len(row)) - len(suffix)) + suffix)
     return prefixes, suffixes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,73 @@ def test_answer_data_fills_the_templates_and_names_what_is_missing(tmp_path):
         answer_data(load_recipe("configs/smollm2_pirate.yaml", [f"data.train={path}", "data.answer={answer}"]))
     with pytest.raises(RecipeError, match="data.answer: example 0 has no field 'gold'"):
         answer_data(load_recipe("configs/smollm2_pirate.yaml", [*overrides[:2], "data.answer={gold}"]))
+
+
+# ------------------------------------------------------------------ bounded reading
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(9)
+) + "model: *j\nintervention: {}\ndata: {}\n"
+
+
+def test_a_recipe_of_nested_aliases_is_refused_before_it_expands(tmp_path):
+    """A 667-byte recipe that names 9^10 values: before, its error message alone took 157 MB."""
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 700
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tmp_path / "bomb.yaml")
+    assert "expands to more than 100,000 values through YAML aliases" in str(e.value) and len(str(e.value)) < 300
+    (tmp_path / "loop.yaml").write_text("model: &m [1, *m]\n")
+    with pytest.raises(RecipeError, match="a YAML alias refers to a value that contains it"):
+        load_recipe(tmp_path / "loop.yaml")
+    flow = "{" + ", ".join(line for line in ALIAS_BOMB.splitlines()[:10]) + "}"  # the same aliases on one line
+    with pytest.raises(RecipeError, match="--set 'intervention.args=.*: expands to more than 100,000 values"):
+        set_key({}, "intervention.args=" + flow)
+
+
+def test_bad_values_are_shown_short(tmp_path):
+    long = "x" * 1_000_000
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(base_raw(intervention={"positions": long}))
+    assert "malformed position spec 'xxxx" in str(e.value) and len(str(e.value)) < 400
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(base_raw(intervention={"layers": [[1] * 1000] * 1000}))
+    assert "intervention.layers: [[1, 1, 1, 1, ...]" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_imports_are_found_as_python_dash_m_finds_them(tmp_path, monkeypatch):
+    """Under the `reft` console script sys.path[0] is the script's folder, not the working folder: a
+    module beside the user's recipe was not found there."""
+    from reft.interventions import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    (tmp_path / "cwd_interventions.py").write_text(
+        "import reft\n"
+        "@reft.register_intervention('test_cwd_red')\n"
+        "class CwdRED(reft.RED):\n"
+        "    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    raw = base_raw(intervention={"type": "test_cwd_red", "rank": None})
+    raw["imports"] = ["cwd_interventions"]
+    try:
+        recipe = parse_recipe(raw)
+        assert recipe.intervention.type == "test_cwd_red" and str(tmp_path) not in sys.path
+    finally:
+        sys.modules.pop("cwd_interventions", None)
+
+
+def test_data_files_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": \n')
+    with pytest.raises(RecipeError, match=rf"data.train: {path}:3: not valid JSON \(Expecting value, column 32\)"):
+        read_rows(parse_recipe(base_raw(data={"train": str(path)})), "train")
+    path.write_text('{"instruction": "a", "output": "b"}\n[1, 2]\n')
+    with pytest.raises(RecipeError, match=rf"data.train: {path}:2: expected an object of fields"):
+        read_rows(parse_recipe(base_raw(data={"train": str(path)})), "train")
+    whole = tmp_path / "d.json"
+    whole.write_text('[\n  {"instruction": "a", "output": "b"},\n  {"instruction": }\n]')
+    with pytest.raises(RecipeError, match=rf"data.train: {whole}:3: not valid JSON"):
+        read_rows(parse_recipe(base_raw(data={"train": str(whole)})), "train")
+    whole.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 3))
+    assert len(read_rows(parse_recipe(base_raw(data={"train": str(whole)})), "train")) == 3

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import reft
 from reft.data import Collator, build_classification_data, build_generation_data
 from reft.train import Trainer, TrainConfig
 
-from . import tiny, tiny_text
+from . import disk, tiny, tiny_text
 from .train_worker import build, pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,14 +254,14 @@ def test_compute_metrics_gets_aligned_predictions_and_labels():
     "kwargs, message",
     [
         (dict(lr=0), r"TrainConfig.lr = 0: must be a number in \(0, 1\)"),
-        (dict(epochs=0), "TrainConfig.epochs = 0: must be a positive number"),
+        (dict(epochs=0), "TrainConfig.epochs = 0: must be a positive finite number"),
         (dict(max_steps=0), "TrainConfig.max_steps = 0: must be an int >= 1 or None"),
         (dict(batch_size=2.5), "TrainConfig.batch_size = 2.5: must be an int >= 1"),
         (dict(grad_accum=0), "TrainConfig.grad_accum = 0: must be an int >= 1"),
         (dict(warmup_ratio=1.0), r"TrainConfig.warmup_ratio = 1.0: must be a number in \[0, 1\)"),
         (dict(schedule="step"), "TrainConfig.schedule = 'step': must be one of linear, cosine, constant"),
-        (dict(weight_decay=-1), "TrainConfig.weight_decay = -1: must be a number >= 0"),
-        (dict(max_grad_norm=0), "TrainConfig.max_grad_norm = 0: must be a number > 0 or None"),
+        (dict(weight_decay=-1), "TrainConfig.weight_decay = -1: must be a finite number >= 0"),
+        (dict(max_grad_norm=0), "TrainConfig.max_grad_norm = 0: must be a finite number > 0 or None"),
         (dict(precision="fp8"), "TrainConfig.precision = 'fp8': must be one of fp32, bf16, fp16"),
         (dict(eval_every=0), "TrainConfig.eval_every = 0: must be an int >= 1 or None"),
         (dict(save_every=5), "save_every = 5: checkpoints need an output_dir"),
@@ -324,3 +325,146 @@ def test_smollm2_learns_a_behaviour_at_the_last_prompt_token(tmp_path, monkeypat
     assert not printed[-1].startswith("Arr matey"), printed  # the base model, interventions disabled
     assert (tmp_path / "out" / "pirate" / "adapter" / "adapter_config.json").is_file()
     assert len((tmp_path / "out" / "pirate" / "log.jsonl").read_text().splitlines()) == 3
+
+
+# ------------------------------------------------------------------ integrity
+def test_data_without_a_labelled_token_fails_before_any_step(tmp_path):
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(6))
+    for e in data.examples:
+        e["labels"] = torch.full_like(e["labels"], -100)  # e.g. every response masked out
+    before = trainable(rm)
+    with pytest.raises(ValueError, match=r"train_data: none of its 6 examples has a labelled token \(every label is -100\)"):
+        Trainer(rm, TrainConfig(max_steps=2, output_dir=str(tmp_path)), data).fit()
+    assert all(torch.equal(before[k], v) for k, v in trainable(rm).items())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("log_every, save_every", [(1, 1), (10, 2)])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every, save_every):
+    """The loss of step 3 is NaN: training stops at the next check (the step-3 log, or the step-4 save)
+    and no checkpoint holds a parameter the NaN step touched."""
+    import reft.train as train_module
+
+    calls = {"n": 0}
+    loss_sum = train_module._loss_sum
+
+    def nan_at_step_3(model, batch):  # one micro-batch per step here
+        calls["n"] += 1
+        loss = loss_sum(model, batch)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_module, "_loss_sum", nan_at_step_3)
+    rm, tok = build()
+    config = TrainConfig(batch_size=4, max_steps=6, log_every=log_every, save_every=save_every, output_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"the loss \(or a parameter\) at step 3 is not finite .* the last checkpoint, from before, is .*checkpoint-2"):
+        Trainer(rm, config, build_generation_data(tok, pairs(24))).fit()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint-")) == (
+        ["checkpoint-1", "checkpoint-2"] if save_every == 1 else ["checkpoint-2"]
+    )
+    saved = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == ([1, 2] if log_every == 1 else [])
+
+
+def test_no_gradient_after_the_first_backward_is_an_error():
+    """A base model whose layers autograd cannot differentiate (dynamic int8 quantization): before,
+    every gradient was None and the log showed grad_norm 0.0 without a word."""
+    tok = tiny_text.tokenizer()
+    model = torch.ao.quantization.quantize_dynamic(tiny.causal_lm(), {torch.nn.Linear}, dtype=torch.qint8)
+    rm = reft.IntervenableModel(model, {"layers.0.block_output": reft.LoReFT(tiny.HIDDEN, 4)}, positions="l1")
+    before = trainable(rm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that quantized ops have no autograd kernel, and goes on
+        with pytest.raises(ValueError, match="no trainable parameter received a gradient in the first step .*quantize_dynamic"):
+            Trainer(rm, TrainConfig(max_steps=3), build_generation_data(tok, pairs(8))).fit()
+    assert all(torch.equal(before[k], v) for k, v in trainable(rm).items())  # no optimizer step was taken
+
+
+def _first_run(tmp_path, data, **config) -> TrainConfig:
+    rm, _ = build()
+    base = dict(lr=1e-2, batch_size=4, max_steps=4, save_every=1, log_every=1, output_dir=str(tmp_path))
+    Trainer(rm, TrainConfig(**{**base, **config}), data).fit()
+    for step in (3, 4):  # as if killed after checkpoint-2
+        for p in (tmp_path / f"checkpoint-{step}").iterdir():
+            p.unlink()
+        (tmp_path / f"checkpoint-{step}").rmdir()
+    return TrainConfig(**{**base, **config})
+
+
+def test_a_resume_that_differs_says_what_differs_and_restores_nothing(tmp_path):
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(16))
+    config = _first_run(tmp_path, data)
+    before, rng = trainable(rm), torch.get_rng_state()
+    changed = TrainConfig(**{**config.__dict__, "lr": 2e-2, "max_steps": 6})
+    with pytest.raises(ValueError, match=r"saved with lr=0.01, this run has lr=0.02; saved with max_steps=4, this run has "
+                       r"max_steps=6: to change them on purpose, pass fit\(\.\.\., allow_changes=\['lr', 'max_steps'\]\)"):
+        Trainer(rm, changed, data).fit(resume_from="latest")
+    assert all(torch.equal(before[k], v) for k, v in trainable(rm).items()) and torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(ValueError, match=r"saved with seed=42, this run has seed=7: resuming needs the same seed"):
+        Trainer(rm, TrainConfig(**{**config.__dict__, "seed": 7}), data).fit(resume_from="latest", allow_changes=["lr"])
+    with pytest.raises(ValueError, match=r"allow_changes: \['seed'\] cannot change when a run resumes"):
+        Trainer(rm, config, data).fit(resume_from="latest", allow_changes=["seed"])
+
+    history = Trainer(rm, changed, data).fit(resume_from="latest", allow_changes=["lr", "max_steps"])
+    lrs = {r["step"]: r["lr"] for r in history if "lr" in r}
+    assert lrs[1] == pytest.approx(1e-2) and lrs[2] == pytest.approx(1e-2 * (1 - 1 / 4))  # the first run's schedule
+    # from step 3 on, linear decay of the new lr over the new 6 steps: lr * (1 - (step - 1) / 6)
+    assert [lrs[s] for s in (3, 4, 5, 6)] == pytest.approx([2e-2 * (1 - s / 6) for s in (2, 3, 4, 5)])
+
+
+def test_a_resume_onto_other_data_is_refused(tmp_path):
+    rm, tok = build()
+    config = _first_run(tmp_path, build_generation_data(tok, pairs(16)))
+    other = build_generation_data(tok, pairs(16, seed=1))
+    with pytest.raises(ValueError, match=r"trained on 16 examples \(sha256 [0-9a-f]{12}\.\.\.\), this run's train_data has 16 "
+                       r"\(sha256 [0-9a-f]{12}\.\.\.\): a resumed run continues on the same data"):
+        Trainer(rm, config, other).fit(resume_from="latest")
+
+
+def test_a_fresh_run_refuses_an_output_dir_with_another_runs_checkpoints(tmp_path):
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(16))
+    config = _first_run(tmp_path, data)
+    before = disk.snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(\['checkpoint-1', 'checkpoint-2'\]\): continue "
+                       r"that run with fit\(resume_from='latest'\)"):
+        Trainer(rm, config, data).fit()
+    assert disk.snapshot(tmp_path) == before
+
+
+def test_a_resume_past_max_steps_is_an_error_naming_the_step(tmp_path):
+    rm, tok = build()
+    data = build_generation_data(tok, pairs(8))
+    config = TrainConfig(batch_size=4, max_steps=2, save_every=1, output_dir=tmp_path)  # a Path works as well as a str
+    Trainer(rm, config, data).fit()
+    with pytest.raises(ValueError, match=r"checkpoint-2 is at step 2, and this run trains 2 steps \(max_steps=2\): nothing is left"):
+        Trainer(rm, config, data).fit(resume_from="latest")
+    more = TrainConfig(**{**config.__dict__, "max_steps": 3})
+    history = Trainer(rm, more, data).fit(resume_from="latest", allow_changes=["max_steps"])
+    assert history[-1]["step"] == 3
+
+
+def test_a_log_line_cut_by_a_full_disk_leaves_the_log_readable(tmp_path, monkeypatch):
+    import errno
+
+    import reft.train as train_module
+
+    log = tmp_path / "log.jsonl"
+    train_module._append_line(log, '{"step": 1}\n')
+    real_write = os.write
+
+    def full_disk(fd, data):  # half the line goes out, then the disk is full
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train_module.os, "write", full_disk)
+    with pytest.raises(OSError, match="No space left on device; the record was not logged, the log keeps its whole lines"):
+        train_module._append_line(log, '{"step": 2, "loss": 1.5}\n')
+    monkeypatch.setattr(train_module.os, "write", real_write)
+    assert log.read_text() == '{"step": 1}\n'
+    log.write_text('{"step": 1}\n{"step": 2, "lo')  # a line cut by a crash: dropped before the next one
+    train_module._append_line(log, '{"step": 3}\n')
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1}, {"step": 3}]

@@ -14,6 +14,8 @@ from typing import Any, Callable, TypeVar
 import torch
 from torch import nn
 
+from .._errors import short
+
 _REGISTRY: dict[str, type["Intervention"]] = {}
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -43,8 +45,10 @@ class Intervention(nn.Module):
 
     def __init__(self, hidden_size: int, **config: Any):
         super().__init__()
-        if not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not _is_int(hidden_size) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {short(hidden_size)}")
+        if "dropout" in config:
+            check_dropout(config["dropout"])
         self.hidden_size = hidden_size
         self.config = _recorded({"hidden_size": hidden_size, **config})  # a subclass's __init__ replaces it
 
@@ -112,8 +116,8 @@ def registered_interventions() -> list[str]:
 
 
 def intervention_class(name: str) -> type[Intervention]:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown intervention {name!r}; registered: {', '.join(registered_interventions())}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown intervention {short(name)}; registered: {', '.join(registered_interventions())}")
     return _REGISTRY[name]
 
 
@@ -125,8 +129,8 @@ def make_intervention(name: str, **kwargs: Any) -> Intervention:
 def activation(name: str | None) -> nn.Module:
     """`None` or `"linear"` is the identity; otherwise one of relu, gelu, silu, tanh, sigmoid."""
     key = "linear" if name is None else name
-    if key not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; valid: None, {', '.join(_ACTIVATIONS)}")
+    if not isinstance(key, str) or key not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {short(name)}; valid: None, {', '.join(_ACTIVATIONS)}")
     return _ACTIVATIONS[key]()
 
 
@@ -140,7 +144,7 @@ def _recorded(config: dict[str, Any]) -> dict[str, Any]:
 def _dtype_name(dtype: torch.dtype | str) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"unsupported intervention dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+        raise ValueError(f"unsupported intervention dtype {short(dtype)}; valid: {', '.join(_DTYPES)}")
     return name
 
 
@@ -149,8 +153,18 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def check_rank(rank: int, hidden_size: int) -> None:
-    if not isinstance(rank, int) or not 1 <= rank <= hidden_size:
-        raise ValueError(f"rank must be an int in 1..{hidden_size} (the hidden size), got {rank!r}")
+    if not _is_int(rank) or not 1 <= rank <= hidden_size:
+        raise ValueError(f"rank must be an int in 1..{hidden_size} (the hidden size), got {short(rank)}")
+
+
+def check_dropout(dropout: float) -> None:
+    """A dropout probability in [0, 1): 1.0 would zero every edited state, NaN would keep or drop at random."""
+    if not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be a number in [0, 1), got {short(dropout)}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def orthonormal_init(rank: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -319,7 +319,8 @@ def _decode(tokenizer, ids) -> str:
 
 # --------------------------------------------------------------------------------------- info
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _check_format, _Plan, _read_json
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _check_format, _read_json
+    from .config import ReftConfig
 
     folder = Path(args.adapter)
     config_file = folder / CONFIG_NAME
@@ -330,7 +331,7 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(config, indent=2))
         return 0
     _check_format(config, "reft-adapter", config_file)
-    plan = _Plan.parse(config, folder)  # the sites, positions and interventions, checked for shape
+    adapter = ReftConfig.from_dict(config, str(config_file))  # the sites, positions and interventions, checked
     base = config.get("base_model", {})
     if not isinstance(base, dict):
         raise ValueError(f"{config_file}: 'base_model' is {_text(base)}, expected a JSON object")
@@ -341,13 +342,13 @@ def _info(args: argparse.Namespace) -> int:
         f"base model:     {_text(base.get('architecture'))} ({_text(base.get('model_type'))}, hidden {_text(base.get('hidden_size'))}, "
         f"{_text(base.get('num_layers'))} layers) {_text(base.get('name_or_path') or '')}".rstrip()
     )
-    print(f"sites:          {len(plan.sites)}")
-    for site in plan.sites:
-        ivs = " | ".join(_describe(iv) for iv in site["interventions"])
-        tying = "" if site.get("tied", True) else ", untied"
-        print(f"  {_text(site['site'])} [{_text(site['positions'])}{tying}]: {ivs}")
-    if plan.head:
-        print(f"head:           {', '.join(_text(h) for h in plan.head)}")
+    print(f"sites:          {len(adapter.sites)}")
+    for site, entries in adapter.sites.items():
+        ivs = " | ".join(_describe(iv) for iv in entries)
+        tying = "" if len(entries) == 1 else ", untied"
+        print(f"  {_text(site)} [{_text(adapter.positions[site])}{tying}]: {ivs}")
+    if adapter.head:
+        print(f"head:           {', '.join(_text(h) for h in adapter.head)}")
     total = sum(counts.values())
     detail = ", ".join(f"{k} {v:,}" for k, v in counts.items())
     print(f"parameters:     {total:,} ({detail})" if counts else "parameters:     (no weights file)")

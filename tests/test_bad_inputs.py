@@ -330,9 +330,9 @@ def _load(folder: Path) -> Callable[[], None]:
 
 
 for name, edit, fragment in [
-    ("adapter_hidden_size_huge", lambda c: _iv_config(c).update(hidden_size=200_000_000), "'loreft' has hidden_size 200000000, but the site's hidden size is 32"),
-    ("adapter_hidden_size_bool", lambda c: _iv_config(c).update(hidden_size=True), "'loreft' hidden_size True: must be a positive int"),
-    ("adapter_rank_huge", lambda c: _iv_config(c).update(rank=10**9), "'loreft' rank 1000000000: must be an int in 1..32"),
+    ("adapter_hidden_size_huge", lambda c: _iv_config(c).update(hidden_size=200_000_000), "loreft has hidden_size 200000000, but the site's hidden size is 32"),
+    ("adapter_hidden_size_bool", lambda c: _iv_config(c).update(hidden_size=True), "loreft has hidden_size True, but the site's hidden size is 32"),
+    ("adapter_rank_huge", lambda c: _iv_config(c).update(rank=10**9), "loreft rank must be an int in 1..32 (the hidden size), got 1000000000"),
     ("adapter_no_checksum", lambda c: c.pop("files"), "adapter_model.safetensors: its config records no size and checksum"),
     ("adapter_checksum_record", lambda c: c["files"]["adapter_model.safetensors"].update(bytes="abc"), "malformed size and checksum record {'bytes': 'abc'"),
     ("adapter_long_positions", lambda c: c["sites"][0].update(positions="l" + "9" * 5000), "malformed position spec 'l9999"),

@@ -33,7 +33,7 @@ def _make(name: str, hidden: int = tiny.HIDDEN, **extra) -> reft.Intervention:
     """A registered intervention with non-default arguments wherever its constructor takes them."""
     params = inspect.signature(intervention_class(name)).parameters
     kwargs = {"hidden_size": hidden}
-    for key, value in {"rank": 4, "dropout": 0.1, "act": "relu"}.items():
+    for key, value in {"rank": 4, "dropout": 0.1, "act": "relu", "num_heads": 4}.items():
         if key in params:
             kwargs[key] = value
     kwargs.update(extra)
@@ -729,9 +729,9 @@ def test_two_writers_creating_the_same_folder_both_succeed(tmp_path):
 # ------------------------------------------------ bounds before reading and building
 def test_intervention_hidden_size_is_checked_before_anything_is_built(saved, monkeypatch):
     built = []
-    monkeypatch.setattr(ck._Plan, "build", lambda self, folder: built.append(1))
+    monkeypatch.setattr(reft.LoReFT, "__init__", lambda self, *a, **k: built.append(1))
     _edit_config(saved, lambda c: c["sites"][0]["interventions"][0]["config"].update(hidden_size=200_000_000))
-    with pytest.raises(ValueError, match="'loreft' has hidden_size 200000000, but the site's hidden size is 32"):
+    with pytest.raises(ValueError, match="loreft has hidden_size 200000000, but the site's hidden size is 32"):
         reft.IntervenableModel.from_pretrained(tiny.causal_lm(), saved)
     assert built == []
 

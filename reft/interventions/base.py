@@ -63,6 +63,12 @@ class Intervention(nn.Module):
 
         @functools.wraps(init)  # keeps the signature for inspect (recipes check arguments against it)
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                bound = signature.bind(self, *args, **kwargs)
+            except TypeError:
+                bound = None  # let the constructor itself say what is wrong
+            if bound is not None and "dropout" in bound.arguments:
+                check_dropout(bound.arguments["dropout"])  # before any weight is allocated
             init(self, *args, **kwargs)
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()

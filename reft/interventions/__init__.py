@@ -8,6 +8,7 @@ from .loreft import LoReFT
 from .noreft import NoReFT
 from .orth_direft import OrthDiReFT
 from .red import RED
+from .reft_r1 import ReFTr1
 
 __all__ = [
     "Intervention",
@@ -21,4 +22,5 @@ __all__ = [
     "ConsReFT",
     "LoBiReFT",
     "OrthDiReFT",
+    "ReFTr1",
 ]

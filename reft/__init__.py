@@ -9,6 +9,7 @@ from .interventions import (
     LoReFT,
     NoReFT,
     OrthDiReFT,
+    ReFTr1,
     make_intervention,
     register_intervention,
     registered_interventions,
@@ -17,7 +18,7 @@ from .checkpoint import latest_checkpoint, load_training_checkpoint, save_traini
 from .model import IntervenableModel
 from .positions import PositionSpec
 from .train import TrainConfig, Trainer
-from . import data, evaluate
+from . import data, detect, evaluate, objectives
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "ConsReFT",
     "LoBiReFT",
     "OrthDiReFT",
+    "ReFTr1",
     "register_intervention",
     "make_intervention",
     "registered_interventions",
@@ -41,5 +43,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "data",
+    "detect",
     "evaluate",
+    "objectives",
 ]

@@ -10,6 +10,7 @@ from .interventions import (
     LoReFT,
     NoReFT,
     OrthDiReFT,
+    ReFTr1,
     make_intervention,
     register_intervention,
     registered_interventions,
@@ -18,7 +19,7 @@ from .config import ReftConfig
 from .model import IntervenableModel, get_reft_model
 from .positions import PositionSpec
 from .train import TrainConfig, Trainer
-from . import data, evaluate
+from . import data, detect, evaluate, objectives
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "LoBiReFT",
     "OrthDiReFT",
     "LoFiT",
+    "ReFTr1",
     "register_intervention",
     "make_intervention",
     "registered_interventions",
@@ -42,5 +44,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "data",
+    "detect",
     "evaluate",
+    "objectives",
 ]

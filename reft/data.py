@@ -1,4 +1,5 @@
-"""Example builders and the collator: (prompt, response) and (text, label) pairs -> padded tensors.
+"""Example builders and the collator: (prompt, response), (text, label) and (prompt, chosen, rejected)
+examples -> padded tensors.
 
 An example is a dict of tensors:
 
@@ -10,10 +11,14 @@ An example is a dict of tensors:
 - `adapter` (optional, a str or None): the adapter this example trains and is scored with, when rows
   given as dicts carry an `"adapter"` key (several adapters trained at once: multi-task).
 
+A preference example holds two generation examples with one prompt: `chosen_input_ids`,
+`chosen_labels`, `rejected_input_ids`, `rejected_labels` and `prompt_length`.
+
 `Collator` pads a list of examples on the tokenizer's side and returns `input_ids`, `attention_mask`,
 `labels`, `prompt_mask` (and `positions`, shifted by the left padding) as batch tensors, and
 `adapter_names` (a list) when the examples carry adapters: exactly the keyword arguments
-`IntervenableModel.forward` takes, plus `labels`.
+`IntervenableModel.forward` takes, plus `labels`. A batch of B preference examples
+has 2B rows: the B chosen responses, then the B rejected ones.
 
 Every builder checks its input before any training starts: an empty dataset, a prompt or response that
 tokenizes to nothing, an example longer than `max_length` (an error, or a counted and logged skip with
@@ -46,7 +51,8 @@ class TokenizedData(torch.utils.data.Dataset):
 
     Attributes:
         examples: the examples, dicts of tensors.
-        task: `"generation"` (labels per token) or `"classification"` (one label per example).
+        task: `"generation"` (labels per token), `"classification"` (one label per example) or
+            `"preference"` (a chosen and a rejected response per example).
         pad_token_id, padding_side: from the tokenizer, so that `Collator.for_data(data)` pads alike.
         max_length: the length limit the examples were checked against (None: no limit).
         skipped: examples dropped as longer than `max_length` (with `on_too_long="skip"`).
@@ -68,7 +74,9 @@ class TokenizedData(torch.utils.data.Dataset):
         return self.examples[i]
 
     def lengths(self) -> list[int]:
-        """The token count of every example."""
+        """The token count of every example (of its longer response for preference data)."""
+        if self.task == "preference":
+            return [max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in self.examples]
         return [len(e["input_ids"]) for e in self.examples]
 
     def __repr__(self) -> str:
@@ -181,6 +189,91 @@ def _too_long(i: int, length: int, limit: int | None, on_too_long: str) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- preference
+def build_preference_data(
+    tokenizer: Any,
+    triples_or_dataset: Iterable[Any],
+    max_length: int | None = None,
+    *,
+    prompt_key: str = "prompt",
+    chosen_key: str = "chosen",
+    rejected_key: str = "rejected",
+    chat_template: bool | None = None,
+    system_prompt: str | None = None,
+    add_eos: bool = True,
+    on_too_long: str = "error",
+) -> TokenizedData:
+    """Tokenize (prompt, chosen, rejected) triples for the preference objectives (DPO, RePS).
+
+    The prompt is formatted as `build_generation_data` formats it (the chat template when the
+    tokenizer has one) and shared by both responses; each response is tokenized on its own (with EOS
+    when `add_eos`) and labelled, the prompt is not.
+
+    Args:
+        triples_or_dataset: `(prompt, chosen, rejected)` tuples, dicts with `prompt_key`,
+            `chosen_key` and `rejected_key`, or a `datasets.Dataset` with those columns.
+        max_length, chat_template, system_prompt, add_eos, on_too_long: as in `build_generation_data`
+            (`max_length` bounds the prompt plus the longer response).
+
+    Returns:
+        `TokenizedData` (task `"preference"`) whose examples have `chosen_input_ids`, `chosen_labels`,
+        `rejected_input_ids`, `rejected_labels` (`[n]` each, -100 over the prompt) and `prompt_length`.
+    """
+    _check_choice("on_too_long", on_too_long, _TOO_LONG)
+    encode_prompt = _prompt_encoder(tokenizer, chat_template, system_prompt)
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
+    limit = _max_length(tokenizer, max_length)
+    keys = (prompt_key, chosen_key, rejected_key)
+
+    examples, skipped = [], 0
+    for i, (prompt, chosen, rejected) in enumerate(_triples(triples_or_dataset, keys)):
+        prompt_ids = encode_prompt(prompt)
+        if not prompt_ids:
+            raise ValueError(f"example {i}: prompt {prompt!r} tokenizes to no tokens; every prompt needs at least one")
+        example = {"prompt_length": torch.tensor(len(prompt_ids))}
+        for side, response in (("chosen", chosen), ("rejected", rejected)):
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+            if not response_ids:
+                raise ValueError(f"example {i}: {side} response {response!r} tokenizes to no tokens; every response needs at least one")
+            input_ids = torch.tensor(prompt_ids + response_ids + ([eos] if add_eos else []), dtype=torch.long)
+            labels = input_ids.clone()
+            labels[: len(prompt_ids)] = IGNORE_INDEX
+            example[f"{side}_input_ids"], example[f"{side}_labels"] = input_ids, labels
+        longest = max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
+        if _too_long(i, longest, limit, on_too_long):
+            skipped += 1
+            continue
+        examples.append(example)
+    return _finish(examples, "preference", tokenizer, limit, skipped)
+
+
+def _triples(data: Iterable[Any], keys: tuple[str, str, str]):
+    """Yield `(prompt, chosen, rejected)` from tuples, dicts or a `datasets.Dataset`."""
+    count = 0
+    for i, row in enumerate(data):
+        count += 1
+        if isinstance(row, Mapping):
+            missing = [k for k in keys if k not in row]
+            if missing:
+                raise ValueError(f"example {i}: no key(s) {missing}; it has {sorted(row)}")
+            values = tuple(row[k] for k in keys)
+        elif isinstance(row, (tuple, list)) and len(row) == 3:
+            values = tuple(row)
+        else:
+            raise ValueError(
+                f"example {i}: expected a (prompt, chosen, rejected) triple or a dict with {', '.join(map(repr, keys))}, "
+                f"got {type(row).__name__} {row!r:.80}"
+            )
+        for name, value in zip(("prompt", "chosen", "rejected"), values):
+            if not isinstance(value, str):
+                raise ValueError(f"example {i}: the {name} must be a str, got {type(value).__name__} {value!r:.80}")
+        yield values
+    if count == 0:
+        raise ValueError("the dataset is empty: give at least one (prompt, chosen, rejected) triple")
+
+
 # --------------------------------------------------------------------------- classification
 def build_classification_data(
     tokenizer: Any,
@@ -258,7 +351,8 @@ class Collator:
 
     Returns `input_ids` `[B, T]`, `attention_mask` `[B, T]`, `labels` (`[B, T]` with -100 on the prompt
     and the padding, or `[B]` for classification), `prompt_mask` `[B, T]` (1 on prompt tokens), and, when
-    the examples carry them, `positions` `[B, P]` shifted by the padding (-1 = none).
+    the examples carry them, `positions` `[B, P]` shifted by the padding (-1 = none). B preference
+    examples give 2B rows: the B chosen responses, then the B rejected ones.
 
     Args:
         tokenizer: gives `pad_token_id` (its EOS when it has no pad token) and `padding_side`.
@@ -296,6 +390,13 @@ class Collator:
     def __call__(self, examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
+        if "chosen_input_ids" in examples[0]:  # preference pairs: the chosen rows, then the rejected ones
+            examples = [
+                {"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"], "prompt_length": e["prompt_length"],
+                 **({"adapter": e["adapter"]} if "adapter" in e else {})}
+                for side in ("chosen", "rejected")
+                for e in examples
+            ]
         B = len(examples)
         lengths = torch.tensor([len(e["input_ids"]) for e in examples])  # [B]
         if bool((lengths == 0).any()):

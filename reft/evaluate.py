@@ -1,4 +1,6 @@
-"""Answer accuracy by generation: the metric of the ReFT papers' commonsense and math experiments.
+"""Metrics: answer accuracy by generation, preference accuracy, and AUROC for concept detection.
+
+`answer_accuracy` is the metric of the ReFT papers' commonsense and math experiments.
 
 Each prompt is formatted as training formats it (`reft.data.build_generation_data`: the chat template
 when the tokenizer has one), answered greedily with the interventions (`rm.generate`),
@@ -12,6 +14,9 @@ The papers' rules: for arithmetic, pyreft (after LLM-Adapters) takes the last nu
 right within 0.001 of the gold one; for commonsense, LLM-Adapters takes the first of the dataset's
 candidate words (`true|false`, `solution1|solution2`, ...), while pyreft compares the whole text after
 "the correct answer is " with the gold word (stricter).
+
+`preference_accuracy` scores (prompt, chosen, rejected) pairs by whether the chosen response is the
+likelier one; `auroc` scores a detector (`reft.detect.detection_scores`) as AxBench does.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .data import _prompt_encoder
+from .data import Collator, TokenizedData, _prompt_encoder
 from ._edit import MODES
+from .objectives import _logits, sequence_logprobs
 
 if TYPE_CHECKING:
     from .model import IntervenableModel
@@ -112,6 +118,67 @@ def answer_accuracy(
         predictions.append({"prompt": prompt, "generation": generation, "extracted": extracted, "answer": answer, "correct": correct})
     accuracy = sum(p["correct"] for p in predictions) / len(predictions)
     return {"answer_accuracy": accuracy, "n": len(predictions), "predictions": predictions}
+
+
+def preference_accuracy(rm: "IntervenableModel", data: TokenizedData, batch_size: int = 8) -> dict[str, Any]:
+    """The share of preference pairs whose chosen response is likelier than the rejected one.
+
+    A response's log-probability is the sum over its tokens (EOS included) of `log p(token | prompt,
+    the tokens before it)` under `rm` (under `rm.disabled()`: the base model), the quantity DPO compares.
+
+    Args:
+        rm: the wrapped model.
+        data: `reft.data.build_preference_data(...)`.
+        batch_size: pairs per forward pass (2 * batch_size rows).
+
+    Returns:
+        `{"preference_accuracy": float, "n": int, "margins": [log p(chosen) − log p(rejected), ...]}`.
+    """
+    if getattr(data, "task", None) != "preference":
+        raise ValueError(f"data must be reft.data.build_preference_data(...) pairs, got {getattr(data, 'task', type(data).__name__)!r} data")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    collate = Collator.for_data(data)
+    device = next(rm.model.parameters()).device
+    margins = []
+    with _eval_mode(rm), torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + batch_size, len(data)))]).items()}
+            chosen, rejected = sequence_logprobs(_logits(rm, batch), batch["labels"]).chunk(2)
+            margins.append((chosen - rejected).cpu())
+    margins = torch.cat(margins)
+    return {"preference_accuracy": (margins > 0).double().mean().item(), "n": len(margins), "margins": margins.tolist()}
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of `scores` for binary `labels` (1 = positive).
+
+    The probability that a random positive scores above a random negative, ties counting one half
+    (the Mann–Whitney U statistic over `n₊ n₋`), computed from average ranks in `O(n log n)`. AxBench
+    scores concept detection this way (its min-max normalisation of the scores does not change it).
+
+    Args:
+        scores: `[N]` numbers (a tensor, array or list), higher = more positive.
+        labels: `[N]` 0/1 (or bools), with at least one of each.
+    """
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels).flatten()
+    if s.shape != y.shape:
+        raise ValueError(f"{s.numel()} scores but {y.numel()} labels; give one label per score")
+    if torch.isnan(s).any():
+        raise ValueError(f"score {int(torch.isnan(s).nonzero()[0])} is NaN; every score must be a number")
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"labels must be 0 or 1 (or bools), got {y[(y != 0) & (y != 1)][0].item()!r}")
+    positive = y.bool()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs positive and negative examples; got {n_pos} positive and {n_neg} negative")
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    counts = counts.double()
+    below = torch.cumsum(counts, 0) - counts  # items with a smaller score, per distinct score
+    rank = (below + (counts + 1) / 2)[inverse]  # average 1-based rank of each item, ties shared
+    u = rank[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
 
 
 def extract_answer(text: str, pattern: str | re.Pattern | None = None, match: str = "first") -> str | None:

@@ -6,11 +6,13 @@ precision, periodic logging / evaluation / checkpoints. The same script runs on 
 many processes under `torchrun` (DDP over the trainable parameters, a distributed sampler, logs and
 checkpoints on rank 0 only).
 
-Loss. For token labels `[B, T]` (causal LM) the loss of an optimizer step is the sum of the per-token
-cross-entropies (token t predicts token t + 1) over all its micro-batches on all processes, divided by
-the number of labelled tokens in all of them, so `grad_accum=2, batch_size=4` equals `batch_size=8`,
-and N processes equal one with N times the batch. For labels `[B]` (sequence classification) it is the
-mean cross-entropy per example (mean squared error when the head has one output).
+Loss. `TrainConfig.objective` picks it (`reft.objectives`). With `"ce"` (the default), for token labels
+`[B, T]` (causal LM) the loss of an optimizer step is the sum of the per-token cross-entropies (token t
+predicts token t + 1) over all its micro-batches on all processes, divided by the number of labelled
+tokens in all of them, so `grad_accum=2, batch_size=4` equals `batch_size=8`, and N processes equal one
+with N times the batch. For labels `[B]` (sequence classification) it is the mean cross-entropy per
+example (mean squared error when the head has one output). `"dpo"` and `"reps"` train on preference
+pairs (`reft.data.build_preference_data`): the mean loss per pair, normalised the same way.
 
 Modes. While training, the interventions (and the head) are in train mode (their dropout on) and the
 frozen base model in eval mode (deterministic; `base_dropout=True` puts it in train mode too, as pyreft
@@ -34,17 +36,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ._errors import short
 from .data import IGNORE_INDEX, Collator, TokenizedData
 from .evaluate import _eval_mode
 from .interventions.base import OrthonormalRows
+from .objectives import OBJECTIVES, _label_count, _logits, _loss_from_logits, make_objective
 
 _SCHEDULES = ("linear", "cosine", "constant")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_INPUTS = ("input_ids", "attention_mask", "prompt_mask", "positions", "adapter_names")
 LOG_NAME = "log.jsonl"
 # How a resumed run's TrainConfig may differ from its checkpoint's: these fields only decide what is
 # logged, evaluated and saved, and where; these may change on purpose, with fit(allow_changes=[...]);
@@ -76,6 +77,8 @@ class TrainConfig:
     base_dropout: bool = False  # run the frozen base model in train mode while training (its own dropout on)
     group_by_length: bool = False  # batch examples of similar length (less padding, faster); order stays seeded
     gradient_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1.3x the time
+    objective: str = "ce"  # "ce" (cross-entropy), or "dpo" / "reps" on preference pairs (reft.objectives)
+    beta: float = 0.1  # DPO's weight on the log-probability margin
 
     def __post_init__(self):
         def bad(name: str, valid: str) -> ValueError:
@@ -110,6 +113,10 @@ class TrainConfig:
                 raise bad(name, "True or False")
         if self.output_dir is not None and not isinstance(self.output_dir, (str, os.PathLike)):
             raise bad("output_dir", "a folder path or None")
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", f"one of {', '.join(OBJECTIVES)}")
+        if not (isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and self.beta > 0):
+            raise bad("beta", "a number > 0, e.g. 0.1")
         if self.save_every is not None and self.output_dir is None:
             raise ValueError(f"TrainConfig.save_every = {self.save_every}: checkpoints need an output_dir")
 
@@ -161,6 +168,10 @@ class Trainer:
         self.params = [p for p in rm.trainable_parameters()]
         if not self.params:
             raise ValueError("rm has no trainable parameters: nothing to train")
+        self.objective = make_objective(self.config.objective, self.config.beta)
+        for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+            if data is not None:
+                self.objective.check(rm, data, name)
 
         self.rank, self.world = _init_distributed(rm)
         self.device = _device_of(rm)
@@ -263,7 +274,7 @@ class Trainer:
     def _step(self, model: nn.Module, micro: list[dict[str, torch.Tensor]], step: int) -> None:
         """Optimizer step `step` (1-based) over `micro` (1..grad_accum batches); no host sync."""
         micro = [_to_device(b, self.device) for b in micro]
-        counts = torch.stack([_label_count(b["labels"]) for b in micro])  # [len(micro)]
+        counts = torch.stack([self.objective.count(b) for b in micro])  # [len(micro)]: tokens, examples or pairs
         total = counts.sum()
         if self.world > 1:
             dist.all_reduce(total)  # labelled tokens (or examples) of this step on every process
@@ -272,7 +283,7 @@ class Trainer:
             sync = self.ddp is None or k == len(micro) - 1
             with (nullcontext() if sync else self.ddp.no_sync()):
                 with self._autocast():
-                    loss_sum = _loss_sum(model, batch)
+                    loss_sum = self.objective.loss_sum(model, self.rm, batch)
                 loss = loss_sum.float() * scale
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             self._window[0] += loss_sum.detach().float()
@@ -307,7 +318,8 @@ class Trainer:
         # As transformers' LengthGroupedSampler: sort each window of 50 micro-batches (of the shuffled
         # order) longest first, cut it into micro-batches, then shuffle the micro-batches.
         if self._lengths is None:
-            self._lengths = [len(self.train_data[i]["input_ids"]) for i in range(len(self.train_data))]
+            data = self.train_data
+            self._lengths = data.lengths() if isinstance(data, TokenizedData) else [len(e["input_ids"]) for e in data]
         batches = []
         for start in range(0, len(order), 50 * b):
             window = sorted(order[start : start + 50 * b], key=lambda i: -self._lengths[i])
@@ -329,6 +341,8 @@ class Trainer:
             raise ValueError("no eval_data: pass Trainer(..., eval_data=...) or evaluate(data)")
         if len(data) == 0:
             raise ValueError("eval data is empty")
+        if self.objective.preference:
+            return self._evaluate_preference(data)
         with _eval_mode(self.rm):
             mine = list(range(self.rank, len(data), self.world))
             routed = isinstance(data[0], Mapping) and "adapter" in data[0]
@@ -371,6 +385,22 @@ class Trainer:
                 pred, target = (_gather(torch.cat(x)) if self.world > 1 else torch.cat(x) for x in (predictions, targets))
                 result.update({f"eval_{k}": float(v) for k, v in self.compute_metrics(pred.cpu(), target.cpu()).items()})
             return result
+
+    def _evaluate_preference(self, data: Sequence[Any]) -> dict[str, float]:
+        """`eval_loss` (the objective's, per pair) and `eval_preference_accuracy` (the share of pairs
+        whose chosen response is likelier than the rejected one under the edited model)."""
+        with _eval_mode(self.rm):
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, pairs, chosen likelier
+            mine = list(range(self.rank, len(data), self.world))
+            for i in range(0, len(mine), self.config.batch_size):
+                batch = _to_device(self.collator([data[j] for j in mine[i : i + self.config.batch_size]]), self.device)
+                with self._autocast():
+                    loss_sum, correct = self.objective.evaluate_sums(self.rm, batch)
+                sums += torch.stack([loss_sum.double(), self.objective.count(batch).double(), correct.double()])
+            if self.world > 1:
+                dist.all_reduce(sums)
+            loss, count, correct = sums.tolist()
+            return {"eval_loss": loss / max(count, 1), "eval_preference_accuracy": correct / max(count, 1)}
 
     # ----------------------------------------------------------------- logging and checkpoints
     def _check_gradients(self) -> None:
@@ -589,33 +619,7 @@ class Trainer:
         )
 
 
-# =================================================================== loss
-def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(**{k: batch[k] for k in _INPUTS if k in batch}).logits
-
-
-def _loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return _loss_from_logits(_logits(model, batch), batch["labels"])
-
-
-def _loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed loss: token cross-entropy (t predicts t + 1) for labels `[B, T]`, else per example."""
-    if labels.dim() == 2:
-        vocab = logits.shape[-1]
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    if labels.is_floating_point():
-        return F.mse_loss(logits.reshape(labels.shape).float(), labels.float(), reduction="sum")
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
-
-
-def _label_count(labels: torch.Tensor) -> torch.Tensor:
-    if labels.dim() == 2:
-        return (labels[:, 1:] != IGNORE_INDEX).sum()
-    return torch.tensor(labels.shape[0], device=labels.device)
-
-
+# =================================================================== evaluation
 def _predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(predictions, targets)`: per example, or at every labelled token (flattened)."""
     if labels.dim() == 2:

@@ -178,7 +178,8 @@ def test_config_records_everything(tmp_path):
     sites = {s["site"]: s for s in config["sites"]}
     assert sites["layers.1.block_output"]["positions"] == "f1+l2" and sites["layers.1.block_output"]["tied"]
     assert sites["layers.1.block_output"]["interventions"] == [
-        {"name": "loreft", "config": {"hidden_size": 32, "rank": 4, "dropout": 0.0, "act": None, "dtype": "float32"}}
+        {"name": "loreft", "config": {"hidden_size": 32, "rank": 4, "dropout": 0.0, "act": None, "dtype": "float32",
+                                      "init": "pyreft", "dropout_at": "output"}}
     ]
     assert sites["layers.0.mlp_output"]["interventions"][0]["name"] == "red"
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reft.data import IGNORE_INDEX, Collator, build_classification_data, build_generation_data
+from reft.data import IGNORE_INDEX, Collator, build_classification_data, build_generation_data, build_preference_data
 from reft.positions import PositionSpec, resolve
 
 from . import tiny_text
@@ -183,3 +183,61 @@ def test_too_long_examples_error_or_are_skipped_counted_and_logged(caplog):
         build_generation_data(tok, pairs[1:2], on_too_long="skip")
     with pytest.raises(ValueError, match="example 0 has 7 tokens, longer than max_length 6"):
         build_classification_data(tok, [words(*range(6))], [0])
+
+
+# ------------------------------------------------------------------ preference pairs
+def test_preference_example_shares_the_prompt_and_labels_each_response():
+    tok = tiny_text.tokenizer(chat=True)
+    data = build_preference_data(tok, [(words(1, 2), words(7, 8, 9), words(6))])
+    prompt = ids_of(91, 1, 2, 89)  # the chat template's user turn and generation prompt, as for generation data
+    e = data[0]
+    assert e["chosen_input_ids"].tolist() == [*prompt, *ids_of(7, 8, 9), EOS]
+    assert e["chosen_labels"].tolist() == [IGNORE_INDEX] * 4 + [*ids_of(7, 8, 9), EOS]
+    assert e["rejected_input_ids"].tolist() == [*prompt, *ids_of(6), EOS]
+    assert e["rejected_labels"].tolist() == [IGNORE_INDEX] * 4 + [*ids_of(6), EOS]
+    assert int(e["prompt_length"]) == 4 and data.task == "preference" and data.lengths() == [8]
+    generation = build_generation_data(tok, [(words(1, 2), words(7, 8, 9))])
+    assert torch.equal(generation[0]["input_ids"], e["chosen_input_ids"])
+    as_dicts = build_preference_data(tok, [{"q": words(1, 2), "good": words(7, 8, 9), "bad": words(6)}],
+                                     prompt_key="q", chosen_key="good", rejected_key="bad")
+    assert all(torch.equal(as_dicts[0][k], e[k]) for k in e)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    side=st.sampled_from(["left", "right"]),
+    shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=4),
+)
+def test_preference_batch_is_the_chosen_rows_then_the_rejected_rows(side, shapes):
+    tok = tiny_text.tokenizer(padding_side=side)
+    triples = [(words(*range(p)), words(*range(40, 40 + c)), words(*range(60, 60 + r))) for p, c, r in shapes]
+    data = build_preference_data(tok, triples)
+    batch = Collator.for_data(data)(list(data))
+    B = len(triples)
+    assert batch["input_ids"].shape[0] == 2 * B
+    rows = [(e["chosen_input_ids"], e["chosen_labels"], e) for e in data] + [(e["rejected_input_ids"], e["rejected_labels"], e) for e in data]
+    T = batch["input_ids"].shape[1]
+    for b, (ids, labels, e) in enumerate(rows):
+        n, p = len(ids), int(e["prompt_length"])
+        real = torch.arange(T - n, T) if side == "left" else torch.arange(n)
+        assert torch.equal(batch["input_ids"][b, real], ids) and torch.equal(batch["labels"][b, real], labels)
+        assert batch["attention_mask"][b].sum() == n
+        assert torch.equal(batch["prompt_mask"][b].nonzero().flatten(), real[:p])
+
+
+def test_bad_preference_inputs_get_clear_errors():
+    tok = tiny_text.tokenizer(model_max_length=6)
+    with pytest.raises(ValueError, match="dataset is empty: give at least one \\(prompt, chosen, rejected\\) triple"):
+        build_preference_data(tok, [])
+    with pytest.raises(ValueError, match="example 0: expected a \\(prompt, chosen, rejected\\) triple"):
+        build_preference_data(tok, [(words(1), words(2))])
+    with pytest.raises(ValueError, match=r"example 0: no key\(s\) \['rejected'\]"):
+        build_preference_data(tok, [{"prompt": words(1), "chosen": words(2)}])
+    with pytest.raises(ValueError, match="example 0: the rejected must be a str, got int"):
+        build_preference_data(tok, [(words(1), words(2), 3)])
+    with pytest.raises(ValueError, match="example 1: rejected response '' tokenizes to no tokens"):
+        build_preference_data(tok, [(words(1), words(2), words(3)), (words(1), words(2), "")])
+    with pytest.raises(ValueError, match="example 0 has 8 tokens, longer than max_length 6"):
+        build_preference_data(tok, [(words(1), words(2), words(*range(5)))])  # BOS, 1, 5 words, EOS
+    kept = build_preference_data(tok, [(words(1), words(2), words(*range(5))), (words(1), words(2), words(3))], on_too_long="skip")
+    assert len(kept) == 1 and kept.skipped == 1

@@ -1,12 +1,17 @@
 """`answer_accuracy`: the extraction rules, prompts formatted as in training, batching, a trained
-adapter against the base model (checked with plain forward passes), and errors for bad input."""
+adapter against the base model (checked with plain forward passes), and errors for bad input.
+`preference_accuracy` and `auroc` against plain-Python references."""
+
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reft
-from reft.data import build_generation_data
-from reft.evaluate import answer_accuracy, extract_answer, same_answer
+from reft.data import build_generation_data, build_preference_data
+from reft.evaluate import answer_accuracy, auroc, extract_answer, preference_accuracy, same_answer
 from reft.train import Trainer, TrainConfig
 
 from . import tiny, tiny_text
@@ -153,3 +158,67 @@ def test_bad_input_names_the_value(change, message):
     with pytest.raises(ValueError) as e:
         answer_accuracy(rm, tok, **args)
     assert message in str(e.value)
+
+
+# ------------------------------------------------------------------ AUROC and preference accuracy
+def pairwise_auroc(scores, labels) -> float:
+    """Plain Python: the share of (positive, negative) pairs the scores order right, ties counting 1/2."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-3, 3), st.booleans()), min_size=2, max_size=30).filter(
+        lambda rows: 0 < sum(y for _, y in rows) < len(rows)
+    )
+)
+def test_auroc_matches_the_pairwise_count_with_ties(rows):
+    scores, labels = [s / 2 for s, _ in rows], [int(y) for _, y in rows]  # few distinct values: many ties
+    assert auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels), abs=1e-12)
+    assert auroc(torch.tensor(scores), torch.tensor(labels, dtype=torch.bool)) == pytest.approx(pairwise_auroc(scores, labels))
+
+
+def test_auroc_of_perfect_reversed_and_constant_scores():
+    assert auroc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0
+    assert auroc([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1]) == 0.0
+    assert auroc([5, 5, 5], [1, 0, 1]) == 0.5
+
+
+@pytest.mark.parametrize(
+    "scores,labels,message",
+    [
+        ([0.1, 0.2], [1], "2 scores but 1 labels"),
+        ([0.1, 0.2], [1, 1], "needs positive and negative examples; got 2 positive and 0 negative"),
+        ([0.1, 0.2], [1, 2], "labels must be 0 or 1 \\(or bools\\), got 2"),
+        ([0.1, float("nan")], [1, 0], "score 1 is NaN"),
+    ],
+)
+def test_auroc_bad_input_names_the_value(scores, labels, message):
+    with pytest.raises(ValueError, match=message):
+        auroc(scores, labels)
+
+
+def test_preference_accuracy_compares_plain_response_log_probabilities():
+    rm = wrapped()
+    tok = tiny_text.tokenizer()
+    triples = [(tiny_text.words(1, 2), tiny_text.words(40, 41), tiny_text.words(60)), (tiny_text.words(3), tiny_text.words(42), tiny_text.words(61, 62, 63)),
+               (tiny_text.words(5, 6, 7), tiny_text.words(43), tiny_text.words(64))]
+    data = build_preference_data(tok, triples)
+    result = preference_accuracy(rm, data, batch_size=2)
+    expected = []
+    for e in data:
+        p = int(e["prompt_length"])
+        logprob = []
+        for ids in (e["chosen_input_ids"].tolist(), e["rejected_input_ids"].tolist()):
+            prompt_mask = torch.tensor([[1] * p + [0] * (len(ids) - p)])  # "l1" is the last prompt token
+            with torch.no_grad():
+                logits = rm(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), prompt_mask=prompt_mask).logits[0]
+            logprob.append(sum(logits[t - 1].log_softmax(-1)[ids[t]].item() for t in range(p, len(ids))))
+        expected.append(logprob[0] - logprob[1])
+    assert result["n"] == 3 and result["margins"] == pytest.approx(expected, abs=1e-4)
+    assert result["preference_accuracy"] == sum(m > 0 for m in expected) / 3
+    with pytest.raises(ValueError, match="data must be reft.data.build_preference_data"):
+        preference_accuracy(rm, build_generation_data(tok, [(tiny_text.words(1), tiny_text.words(2))]))

@@ -351,3 +351,126 @@ def test_dropout_acts_in_train_mode_only(cls):
     assert torch.equal(iv(h), iv(h))
     iv.train()
     assert not torch.equal(iv(h), iv(h))
+
+
+# ------------------------------------------------------------------ LoReFT options
+def test_loreft_identity_init_leaves_a_wrapped_models_logits_unchanged():
+    from . import tiny
+
+    model = tiny.causal_lm(initializer_range=0.2)
+    ids, mask = tiny.padded_batch([6, 3, 5], side="right")
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    torch.manual_seed(0)
+    sites = {f"layers.{i}.block_output": reft.LoReFT(tiny.HIDDEN, 4, init="identity") for i in range(2)}
+    rm = reft.IntervenableModel(model, sites, positions="all")
+    with torch.no_grad():
+        assert torch.equal(rm(input_ids=ids, attention_mask=mask).logits, base)
+    iv = rm["layers.0.block_output"]
+    torch.testing.assert_close(iv.W.weight, iv.R(), atol=0, rtol=0)  # W = R, b = 0
+    assert not iv.W.bias.any()
+
+
+def test_loreft_default_init_is_pyrefts_and_not_the_identity():
+    torch.manual_seed(0)
+    iv = reft.LoReFT(16, 4)
+    assert iv.config["init"] == "pyreft" and iv.config["dropout_at"] == "output"
+    h = torch.randn(5, 16)
+    assert not torch.allclose(iv(h), h)
+
+
+def test_loreft_dropout_on_the_edit_keeps_the_residual_stream():
+    torch.manual_seed(0)
+    h = torch.randn(256, 16, dtype=torch.float64)
+    edit_only = reft.LoReFT(16, 4, dropout=0.5, dropout_at="edit", init="identity", dtype=torch.float64).train()
+    assert torch.equal(edit_only(h), h)  # a zero edit: dropout has nothing to drop
+    output = reft.LoReFT(16, 4, dropout=0.5, dropout_at="output", init="identity", dtype=torch.float64).train()
+    assert (output(h) == 0).float().mean() > 0.3  # pyreft's: features of h itself are dropped
+    iv = reft.LoReFT(16, 4, dropout=0.5, dropout_at="edit", dtype=torch.float64).train()
+    R, W, b = iv.R(), iv.W.weight, iv.W.bias
+    edit = (h @ W.T + b - h @ R.T) @ R  # Rᵀ(Wh + b − Rh), row-vector form
+    out = iv(h)
+    kept = out != h  # where dropout kept the edit (scaled by 2), h is exact elsewhere
+    torch.testing.assert_close(out[kept], (h + 2 * edit)[kept])
+    assert 0.3 < kept.double().mean() < 0.7
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(init="zeros"), "LoReFT init must be one of 'pyreft', 'identity'; got 'zeros'"),
+        (dict(dropout_at="input"), "LoReFT dropout_at must be one of 'output', 'edit'; got 'input'"),
+        (dict(init="identity", act="relu"), "identity only with act=None"),
+    ],
+)
+def test_loreft_bad_options_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reft.LoReFT(8, 2, **kwargs)
+
+
+# ------------------------------------------------------------------ ReFT-r1
+def reft_r1_reference(h: list[list[float]], v: list[float], k: int) -> tuple[list[float], list[list[float]]]:
+    """Plain Python: latents ReLU(h_i · v) of one sequence and its edit h_i + mean(top-k latents) v."""
+    latents = [max(0.0, sum(a * b for a, b in zip(row, v))) for row in h]
+    top = sorted(latents, reverse=True)[: min(k, len(latents))]
+    magnitude = sum(top) / len(top)
+    return latents, [[a + magnitude * b for a, b in zip(row, v)] for row in h]
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 9), k=st.integers(1, 5), seed=st.integers(0, 999))
+def test_reft_r1_latent_and_edit_match_the_paper(T, k, seed):
+    torch.manual_seed(seed)
+    iv = reft.ReFTr1(6, k=k, dtype=torch.float64)
+    h = torch.randn(3, T, 6, dtype=torch.float64)
+    v = (iv.w / iv.w.norm()).tolist()
+    out, latents = iv(h), iv.latent(h)
+    for b in range(3):
+        z, edited = reft_r1_reference(h[b].tolist(), v, k)
+        torch.testing.assert_close(latents[b], torch.tensor(z, dtype=torch.float64))
+        torch.testing.assert_close(out[b], torch.tensor(edited, dtype=torch.float64))
+
+
+def test_reft_r1_direction_has_unit_norm_whatever_w_is():
+    iv = reft.ReFTr1(8)
+    with torch.no_grad():
+        iv.w.mul_(37.0)
+    torch.testing.assert_close(iv.direction().norm(), torch.tensor(1.0))
+    h = torch.zeros(1, 3, 8)
+    h[0, 1] = 2 * iv.direction().detach()  # latent 2 at token 1, 0 elsewhere
+    torch.testing.assert_close(iv.latent(h), torch.tensor([[0.0, 2.0, 0.0]]))
+
+
+def test_reft_r1_penalty_is_l1_of_the_latents_outside_the_top_k_in_training_only():
+    torch.manual_seed(0)
+    iv = reft.ReFTr1(8, k=2, l1=0.5)
+    h = torch.randn(2, 5, 8)
+    iv.eval()
+    iv(h)
+    assert iv.penalty is None
+    iv.train()
+    iv(h)
+    z = iv.latent(h).detach()
+    expected = 0.5 * sum(sum(sorted(row, reverse=True)[2:]) for row in z.tolist())  # each sequence's top 2 are free
+    torch.testing.assert_close(iv.penalty.detach(), torch.tensor(expected))
+    no_l1 = reft.ReFTr1(8, k=2).train()
+    no_l1(h)
+    assert no_l1.penalty is None
+
+
+def test_reft_r1_has_hidden_size_parameters_rebuilds_by_name_and_keeps_dtype():
+    iv = reft.ReFTr1(576, k=4)
+    assert iv.num_parameters() == 576 and "k=4" in repr(iv)
+    again = reft.make_intervention("reft_r1", **iv.config)
+    assert type(again) is reft.ReFTr1 and again.config == iv.config
+    h = torch.randn(2, 3, 576, dtype=torch.bfloat16)
+    assert iv(h).dtype == torch.bfloat16 and iv(h).shape == h.shape
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [(dict(k=0), "k .* must be an int >= 1, got 0"), (dict(l1=-1.0), "l1 .* must be a number >= 0, got -1.0")],
+)
+def test_reft_r1_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reft.ReFTr1(8, **kwargs)

@@ -9,6 +9,7 @@ from .loreft import LoReFT
 from .noreft import NoReFT
 from .orth_direft import OrthDiReFT
 from .red import RED
+from .reft_r1 import ReFTr1
 
 __all__ = [
     "Intervention",
@@ -24,4 +25,5 @@ __all__ = [
     "OrthDiReFT",
     "LoFiT",
     "top_heads",
+    "ReFTr1",
 ]

@@ -250,7 +250,7 @@ def _forward(model: nn.Module, rm: nn.Module, batch: Mapping[str, torch.Tensor])
 def _take_penalties(rm: nn.Module) -> Any:
     """The sum of the `penalty` tensors the interventions set, each cleared once read."""
     total = 0.0
-    interventions = getattr(rm, "interventions", None)
+    interventions = getattr(rm, "adapters", None)
     for module in interventions.modules() if interventions is not None else ():
         penalty = getattr(module, "penalty", None)
         if isinstance(penalty, torch.Tensor):

@@ -97,12 +97,14 @@ def _checkpointed_run(tmp: Path, **config) -> tuple[TrainConfig, object]:
 
 def _patched_nan_loss(run: Callable[[], None]) -> Callable[[], None]:
     def patched() -> None:
-        real = train_module._loss_sum
-        train_module._loss_sum = lambda model, batch: real(model, batch) * nan
+        from reft.objectives import CrossEntropy
+
+        real = CrossEntropy.loss_sum
+        CrossEntropy.loss_sum = lambda self, model, rm, batch: real(self, model, rm, batch) * nan
         try:
             run()
         finally:
-            train_module._loss_sum = real
+            CrossEntropy.loss_sum = real
 
     return patched
 

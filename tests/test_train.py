@@ -344,17 +344,17 @@ def test_data_without_a_labelled_token_fails_before_any_step(tmp_path):
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, log_every, save_every):
     """The loss of step 3 is NaN: training stops at the next check (the step-3 log, or the step-4 save)
     and no checkpoint holds a parameter the NaN step touched."""
-    import reft.train as train_module
+    from reft.objectives import CrossEntropy
 
     calls = {"n": 0}
-    loss_sum = train_module._loss_sum
+    loss_sum = CrossEntropy.loss_sum
 
-    def nan_at_step_3(model, batch):  # one micro-batch per step here
+    def nan_at_step_3(self, model, rm, batch):  # one micro-batch per step here
         calls["n"] += 1
-        loss = loss_sum(model, batch)
+        loss = loss_sum(self, model, rm, batch)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_module, "_loss_sum", nan_at_step_3)
+    monkeypatch.setattr(CrossEntropy, "loss_sum", nan_at_step_3)
     rm, tok = build()
     config = TrainConfig(batch_size=4, max_steps=6, log_every=log_every, save_every=save_every, output_dir=str(tmp_path))
     with pytest.raises(FloatingPointError, match=r"the loss \(or a parameter\) at step 3 is not finite .* the last checkpoint, from before, is .*checkpoint-2"):

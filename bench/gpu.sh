@@ -19,11 +19,10 @@ if [[ " $* " != *" --tiny "* ]]; then
   if ! "$PY" -c 'import pytest' 2>/dev/null; then
     echo "== pytest is not installed: CUDA tests skipped"; status=1
   else
-    # tests/test_cuda.py needs only torch and transformers; the whole suite also needs hypothesis.
-    targets=tests/test_cuda.py
-    "$PY" -c 'import hypothesis' 2>/dev/null && targets=tests
-    echo "== CUDA tests: pytest -m cuda $targets"
-    timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider "$targets" || status=1
+    # tests/test_cuda.py needs only torch and transformers; a test module that cannot be imported
+    # here (hypothesis missing, say) is reported and the CUDA tests of the others still run.
+    echo "== CUDA tests: pytest -m cuda tests"
+    timeout 150 "$PY" -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests || status=1
   fi
 fi
 

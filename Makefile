@@ -40,8 +40,10 @@ wheel-check: install
 demo: install assets
 	$(PY) tutorials/quickstart.py --output runs/quickstart
 
-# Ours vs the frozen floor and vs pyreft 0.1.0, which bench/peer/setup.sh installs in .venv-peer (~30 min).
+# Ours vs the frozen floor and vs pyreft 0.1.0, which bench/peer/setup.sh installs in .venv-peer, and
+# mixed-adapter generation vs peft's LoRA (the `peft` extra) (~35 min).
 bench: install assets
+	$(PIP) install -q -e '.[peft]'
 	bash bench/peer/setup.sh
 	$(PY) bench/run.py
 

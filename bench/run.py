@@ -5,7 +5,9 @@ Runs, model by model, each side in its own process (ours in this interpreter's v
 one process with interleaved repetitions and medians (their transformers versions differ):
 1. training step: `bench/train_step.py` and `bench/peer/pyreft_train_step.py`;
 2. prompt-mode generation vs plain `generate`: `bench/generate.py` and `bench/peer/pyreft_generate.py`;
-3. peak memory of a training step vs the floor's: `bench/memory.py` (a fresh process per configuration);
+3. peak memory of a training step vs the floor's: `bench/memory.py` (a fresh process per configuration),
+   and on SmolLM2 `TrainConfig(gradient_checkpointing=True)` vs off (`bench/memory.py --checkpointing`);
+4. many adapters on SmolLM2 (ours only; peft's LoRA in the same process): `bench/adapters.py`;
 then one `*_vs_pyreft` line per workload and a last `targets` line that says which targets are met.
 The ours/pyreft ratios come from the peer's process: with `--with-reft` it times reft's variants
 interleaved with pyreft's on the same transformers (4.45.1), so the ratio compares the libraries,
@@ -16,7 +18,7 @@ the process's CPU time is the work done). The comparisons and targets use CPU ti
 shared with other work, wall-clock time also counts the time spent waiting for a core, which swamps
 differences of a few percent; the wall-clock figures are printed beside them.
 
-    python bench/run.py            # everything (20-25 minutes on 2 shared CPU cores)
+    python bench/run.py            # everything (30-35 minutes on 2 shared CPU cores)
     python bench/run.py --quick    # a smoke run with few repetitions (figures not meaningful)
 """
 
@@ -34,9 +36,11 @@ ROOT = HERE.parent
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 MODELS = ("tiny", "smollm2")
 QUICK_REPS = {"tiny": 3, "smollm2": 1}
-TARGETS = {"train_step": 1.05, "red": 1.03, "generate": 1.03, "memory": 1.05}
+TARGETS = {"train_step": 1.05, "red": 1.03, "generate": 1.03, "memory": 1.05, "checkpointing": 0.70}
+PARTS = ["train_step", "generate", "memory", "adapters"]
 
 sys.path.insert(0, str(HERE))
+import adapters  # noqa: E402
 import workloads as w  # noqa: E402
 
 
@@ -141,6 +145,9 @@ def targets(records: list[dict]) -> dict:
                     check(f"faster than pyreft: train_step/{model}/{variant}", row["reft/pyreft"], 1.0, below=False)
         elif bench_name == "generate_vs_pyreft" and r["reft/pyreft"] is not None:
             check(f"faster than pyreft: generate/{model}", r["reft/pyreft"], 1.0, below=False)
+        elif bench_name == "memory_checkpointing":
+            check(f"memory/{model} gradient checkpointing total_peak_mib vs off", r["checkpointing/plain"]["total_peak_mib"], TARGETS["checkpointing"])
+    found.update(adapters.targets([r for r in records if r["bench"] == "adapters"]))
     met = sum(t["met"] for t in found.values())
     return {"bench": "targets", "met": met, "of": len(found), "missed": [k for k, t in found.items() if not t["met"]], "figures": found}
 
@@ -148,11 +155,11 @@ def targets(records: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke run, not figures")
-    parser.add_argument("--only", nargs="*", choices=["train_step", "generate", "memory"], default=None)
+    parser.add_argument("--only", nargs="*", choices=PARTS, default=None)
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
     parser.add_argument("--no-peer", action="store_true", help="skip pyreft (no .venv-peer)")
     args = parser.parse_args()
-    parts = args.only or ["train_step", "generate", "memory"]
+    parts = args.only or PARTS
     peer = not args.no_peer
     if peer and not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} not found: run bench/peer/setup.sh first (or pass --no-peer)")
@@ -191,6 +198,10 @@ def main() -> None:
                 records += theirs
                 records.append(vs_pyreft_memory(ours[0], theirs[0]))
                 w.emit(records[-1])
+        if "smollm2" in args.models:
+            records += bench(sys.executable, "memory.py", "--checkpointing", "--model", "smollm2")
+    if "adapters" in parts and "smollm2" in args.models:
+        records += bench(sys.executable, "adapters.py", "--model", "smollm2", *(["--reps", "1"] if args.quick else []))
     w.emit(targets(records))
 
 

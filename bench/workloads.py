@@ -80,6 +80,41 @@ def smollm2() -> nn.Module:
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"tiny": tiny_llama, "smollm2": smollm2}
 
+# Random-weight models of real shapes, built from a config (nothing to download): bench/gpu.py.
+SHAPES = {
+    "tiny": TINY,
+    "smollm2": dict(  # SmolLM2-135M-Instruct
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2,
+    ),
+    "llama7b": dict(  # LLaMA-7B (Touvron et al., 2023)
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    ),
+}
+
+
+def shaped(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """A random-weight LLaMA of shape `SHAPES[name]`, built directly on `device` in `dtype`, eval mode.
+
+    Weights are allocated on the device in their final dtype (the default dtype is switched while the
+    model is built), so a 7B model never exists in float32 or on the host.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**SHAPES[name], attn_implementation="sdpa")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
 
 def set_threads() -> int:
     """Intra-op threads from `$BENCH_THREADS` (default 1), the same on both sides.
@@ -104,7 +139,7 @@ def floor_step(model: nn.Module, data: dict[str, torch.Tensor]) -> Callable[[], 
     for p in model.parameters():
         p.requires_grad_(False)
     embed = model.get_input_embeddings()
-    z = nn.Parameter(torch.zeros(embed.weight.shape[1]))
+    z = nn.Parameter(torch.zeros(embed.weight.shape[1], dtype=embed.weight.dtype, device=embed.weight.device))
     opt = torch.optim.AdamW([z], lr=1e-3, weight_decay=0.0)
     ids, mask, labels = data["input_ids"], data["attention_mask"], data["labels"]
 

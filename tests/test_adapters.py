@@ -301,3 +301,20 @@ def test_max_norm_caps_each_tokens_edit():
     torch.testing.assert_close(after[-1], expected, atol=1e-6, rtol=1e-5)
     assert (after[-1] - before[-1]).norm(dim=-1).max() <= 0.25 + 1e-5
     assert "max_norm: 0.25" in repr(rm)
+
+
+@pytest.mark.integration
+def test_the_docs_examples_run(monkeypatch, tmp_path):
+    """docs/multi_adapter.md: every python block, in order, in one namespace (SmolLM2's tokenizer, a tiny model)."""
+    import re
+    from pathlib import Path
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    text = (Path(__file__).resolve().parents[1] / "docs" / "multi_adapter.md").read_text()
+    namespace: dict = {}
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 6
+    for block in blocks:
+        exec(compile(block, "docs/multi_adapter.md", "exec"), namespace)
+    assert namespace["served"].adapter_names == ["pirate", "caps"]

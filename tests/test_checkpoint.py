@@ -573,6 +573,7 @@ def test_package_never_unpickles():
     assert not found, "\n".join(found)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_load_onto_cuda(tmp_path):
     rm = _lm_adapter()

@@ -23,7 +23,7 @@ def run(*args: str, timeout: int = 300) -> str:
 
 
 def test_every_tutorial_is_tested():
-    tested = {"quickstart", "sentiment", "custom_intervention", "generation", "distributed"}
+    tested = {"quickstart", "sentiment", "custom_intervention", "generation", "distributed", "multi_adapter"}
     assert {p.stem for p in TUTORIALS.glob("*.py")} == tested
 
 
@@ -59,6 +59,14 @@ def test_generation():
     for section in ("greedy (", "sampled, 2 per prompt:", "beam search (3 beams):", "mode every_token"):
         assert section in out
     assert "prompt 2 alone == prompt 2 in the batch:" in out  # random tiny model: no claim on the value
+
+
+def test_multi_adapter():
+    out = run(str(TUTORIALS / "multi_adapter.py"), "--tiny")
+    assert "adapters ['pirate', 'french', 'caps']" in out
+    assert "training-set loss per adapter: pirate" in out
+    assert "one batch of 4 rows, adapter_names=[None, 'pirate', 'french', 'caps']" in out
+    assert "row 3 (caps) alone == row 3 in the mixed batch: True" in out
 
 
 def test_distributed_under_torchrun(tmp_path):

@@ -28,6 +28,9 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None, *, 
         cache_dir: the Hub cache (default: `HF_HUB_CACHE`, `~/.cache/huggingface/hub`).
         token: passed to `huggingface_hub` for private repos.
 
+    A missing path that cannot be a repo id (`./runs/x`, `/abs/path`) is returned as it is, for the
+    caller's reader to report.
+
     Raises:
         FileNotFoundError: no such folder and no such repo, or (offline) the repo is not in the cache.
     """
@@ -54,8 +57,8 @@ def resolve(path_or_repo_id: str | os.PathLike, revision: str | None = None, *, 
         validate_repo_id(repo_id)
         if text.startswith(("/", ".", "~")) or any(p in ("", ".", "..") for p in parts):
             raise HFValidationError(text)
-    except HFValidationError:
-        raise FileNotFoundError(f"no folder {text!r}, and it is not a Hub repo id ('user/name') either") from None
+    except HFValidationError:  # a path, not a repo id: the caller's reader says what is missing there
+        return Path(text).expanduser()
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
     at = f" at revision {revision!r}" if revision else ""
     try:

@@ -106,10 +106,11 @@ def test_missing_repo_offline_names_repo_and_offline_mode(cache):
         hub.resolve("someone/not-there", revision="v9")
 
 
-def test_not_a_folder_nor_a_repo_id(cache):
-    for bad in ("./runs/missing", "/no/such/folder", "a/b/../c", "bad name/x"):
-        with pytest.raises(FileNotFoundError, match="not a Hub repo id"):
-            hub.resolve(bad)
+def test_a_path_that_is_no_repo_id_is_left_to_the_reader(cache, tmp_path):
+    for path in ("./runs/missing", "/no/such/folder", "a/b/../c", "bad name/x"):
+        assert hub.resolve(path) == Path(path)
+    with pytest.raises(FileNotFoundError, match="no folder .*nowhere.*adapter_config.json"):
+        reft.IntervenableModel.from_pretrained(causal_lm(), hub.resolve(tmp_path / "nowhere"))
     with pytest.raises(TypeError, match="got int"):
         hub.resolve(3)
 

@@ -4,8 +4,8 @@
 found" and falls back to a text bar that redraws ten times a second: in a notebook's saved output
 each redraw is a separate stderr record (47 for 40 training steps). Here a kernel with ipywidgets
 gets tqdm's widget (one output, updated in place); a kernel without it gets a text bar that redraws
-at most every `NOTEBOOK_INTERVAL` seconds and every 5% of the steps, and does not redraw for a new
-loss alone, so a run leaves a handful of records however long it is (`TQDM_MININTERVAL` and
+at most every `NOTEBOOK_INTERVAL` seconds and every tenth of the run, and not for a new loss alone,
+so a run leaves about a dozen records at most, however long it is (`TQDM_MININTERVAL` and
 `TQDM_MINITERS` override); a terminal or a log file gets tqdm's usual text bar.
 
 Importing this module imports `tqdm.auto` once with that warning silenced: transformers imports
@@ -24,7 +24,7 @@ with warnings.catch_warnings():
 import tqdm.std
 
 NOTEBOOK_INTERVAL = 5.0  # seconds between redraws of a text bar in a notebook, at least
-NOTEBOOK_REDRAWS = 20  # redraws of a text bar in a notebook over the whole run, at most (about)
+NOTEBOOK_REDRAWS = 10  # redraws of a text bar in a notebook over the whole run, at most (and the first and last)
 
 
 def progress_bar(total: int | None = None, *, initial: int = 0, disable: bool | None = False, desc: str | None = None,
@@ -42,7 +42,7 @@ def progress_bar(total: int | None = None, *, initial: int = 0, disable: bool | 
             kwargs["mininterval"] = NOTEBOOK_INTERVAL
         steps = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         if "TQDM_MINITERS" not in os.environ and steps:
-            kwargs["miniters"] = max(1, steps // NOTEBOOK_REDRAWS)
+            kwargs["miniters"] = -(-steps // NOTEBOOK_REDRAWS)  # ceil: at most NOTEBOOK_REDRAWS redraws
         return _NotebookTextBar(iterable, **kwargs)
     return tqdm.std.tqdm(iterable, dynamic_ncols=True, **kwargs)
 

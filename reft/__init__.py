@@ -1,5 +1,6 @@
 """reft: representation finetuning (RED, LoReFT, DiReFT, ...) for Hugging Face models."""
 
+from . import _progress  # first: imports tqdm.auto without its notebook warning (see reft/_progress.py)
 from .interventions import (
     RED,
     ConsReFT,

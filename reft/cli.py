@@ -5,6 +5,7 @@
     reft eval runs/commonsense-loreft/adapter --generate --predictions predictions.jsonl
     reft generate runs/smollm2-pirate/adapter --prompt "What is the capital of Spain?" --compare
     reft info runs/smollm2-pirate/adapter
+    reft convert-pyreft pyreft_folder adapter --model yahma/llama-7b-hf --positions f7+l7
 
 `reft train` saves the adapter and the recipe it was trained from (`recipe.yaml`) in
 `<train.output_dir>/adapter`; `eval` and `generate` read that recipe to find the base model and data,
@@ -138,6 +139,22 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("adapter", metavar="ADAPTER", help="an adapter folder")
     info.add_argument("--json", action="store_true", help="print adapter_config.json as is")
     info.set_defaults(run=_info)
+
+    convert = sub.add_parser(
+        "convert-pyreft",
+        help="turn an adapter saved by pyreft 0.1.0 into a reft adapter",
+        description=(
+            "Read a folder written by pyreft's reft_model.save() (config.json and intkey_*.bin; the .bin files are "
+            "read with torch.load(weights_only=True): no pickled code runs) and save it as a reft adapter."
+        ),
+        epilog="example: reft convert-pyreft runs/pyreft-adapter runs/adapter --model yahma/llama-7b-hf --positions f7+l7",
+    )
+    convert.add_argument("source", metavar="SRC", help="the pyreft folder (or a Hub repo id)")
+    convert.add_argument("output", metavar="DST", help="the reft adapter folder to write")
+    convert.add_argument("--model", required=True, help="the base model (hub id, folder, builtin:smollm2); only its config is read")
+    convert.add_argument("--positions", required=True, help="the positions it was trained with (f7+l7, l1, ...): pyreft does not save them")
+    convert.add_argument("--act", help="the interventions' activation (pyreft's act_fn) if not linear: pyreft does not save it")
+    convert.set_defaults(run=_convert_pyreft)
     return parser
 
 
@@ -388,6 +405,28 @@ def _text(value: Any) -> str:
 
     text = str(value)
     return text if len(text) <= 100 else short(value)
+
+
+# --------------------------------------------------------------------------------------- convert-pyreft
+def _convert_pyreft(args: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from .hub import resolve
+    from .pyreft import convert_pyreft
+    from .recipes import ModelSection, Recipe, model_config
+
+    config = model_config(Recipe(model=ModelSection(path=args.model), intervention=None, data=None, train=None), local_only=False)
+    if config is None:
+        raise FileNotFoundError(f"--model {args.model}: no model config found there")
+    with torch.device("meta"):  # the sites and the fingerprint need the architecture, not the weights
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            model = transformers.AutoModel.from_config(config)
+    convert_pyreft(resolve(args.source), args.output, model, args.positions, act=args.act)
+    print(f"wrote {args.output}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------- helpers

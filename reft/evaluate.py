@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
+from ._progress import progress_bar
 from .data import Collator, TokenizedData, _prompt_encoder
 from ._edit import MODES
 from .objectives import _logits, sequence_logprobs
@@ -102,7 +102,7 @@ def answer_accuracy(
 
     generations: list[str] = []
     with _eval_mode(rm), torch.no_grad():
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=None, dynamic_ncols=True):
+        for start in progress_bar(iterable=range(0, len(prompts), batch_size), desc="generate", disable=None):
             input_ids, attention_mask = _left_pad(encoded[start : start + batch_size], pad)
             out = rm.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), mode=mode,

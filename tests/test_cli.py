@@ -259,3 +259,33 @@ def test_train_refuses_an_adapter_folder_with_user_files_before_training(tiny_lm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "proj/adapter: holds 1 entry this library did not write (['notes.txt'])" in err
     assert disk.snapshot(tmp_path / "proj") == before  # nothing trained, logged or saved
+
+
+def test_pirate_recipe_has_eval_data(tiny_lm, tmp_path, capsys):
+    """configs/smollm2_pirate.yaml as shipped (a tiny model and two steps instead of SmolLM2 and 30 epochs): eval works."""
+    run = tmp_path / "run"
+    tiny = ["--set", f"model.path={tiny_lm}", "--set", "intervention.layers=[1]", "--set", "train.max_steps=2",
+            "--set", f"train.output_dir={run}"]
+    assert main(["train", str(ROOT / "configs/smollm2_pirate.yaml"), *tiny]) == 0
+    assert "eval {" in capsys.readouterr().out  # evaluated on the held-out pairs after training
+    assert main(["eval", str(run / "adapter")]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(metrics) >= {"eval_loss", "eval_token_accuracy"}
+    predictions = tmp_path / "p.jsonl"
+    assert main(["eval", str(run / "adapter"), "--generate", "--max-new-tokens", "3", "--predictions", str(predictions)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 4 and 0 <= result["answer_accuracy"] <= 1
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["Arr"] * 4
+    assert all(r["correct"] == (r["extracted"] is not None) for r in rows)  # right exactly when it opens with "Arr"
+
+
+def test_pirate_answer_pattern():
+    from reft.evaluate import extract_answer
+    from reft.recipes import load_recipe
+
+    data = load_recipe(str(ROOT / "configs/smollm2_pirate.yaml")).data
+    found = {text: extract_answer(text, data.answer_pattern, data.answer_match)
+             for text in ("Arr, matey!", " arr! Cats like fish.", "Arrgh", "The tallest mountain. Arr!", "Well, arr")}
+    assert found == {"Arr, matey!": "Arr", " arr! Cats like fish.": "arr", "Arrgh": None,
+                     "The tallest mountain. Arr!": None, "Well, arr": None}

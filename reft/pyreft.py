@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import _short
+from ._errors import short
 from .interventions.base import Intervention, make_intervention
 from .positions import PositionSpec
 from .sites import COMPONENTS
@@ -77,7 +77,7 @@ def read_pyreft(folder: str | os.PathLike, positions: str, *, act: str | None = 
     keys = _keys(reps)
     order = config.get("sorted_keys") or keys
     if sorted(order) != sorted(keys):
-        raise ValueError(f"{folder / CONFIG_NAME}: sorted_keys {_short(order)} do not match the representations' keys {_short(keys)}")
+        raise ValueError(f"{folder / CONFIG_NAME}: sorted_keys {short(order)} do not match the representations' keys {short(keys)}")
     # (site, key, pyreft class) in the order of sorted_keys, which is the order of pyreft's unit_locations
     entries = [(described[keys.index(key)][0], key, described[keys.index(key)][1]) for key in order]
     sites = [site for site, _, _ in entries]
@@ -118,7 +118,7 @@ def _read_config(folder: Path) -> dict:
         raise ValueError(f"{file}: no 'representations' list; not a pyreft/pyvene adapter (reft adapters load with from_pretrained)")
     types = config.get("intervention_types")
     if not isinstance(types, list) or len(types) != len(config["representations"]):
-        raise ValueError(f"{file}: 'intervention_types' must list one class per representation, got {_short(types)}")
+        raise ValueError(f"{file}: 'intervention_types' must list one class per representation, got {short(types)}")
     if (folder / "pytorch_model.bin").exists():
         raise ValueError(
             f"{folder}: pytorch_model.bin holds trained base-model parameters (pyreft's include_model=True, e.g. a "
@@ -134,7 +134,7 @@ def _representation(raw: Any, file: Path) -> dict:
     elif isinstance(raw, dict):
         rep = dict(raw)
     else:
-        raise ValueError(f"{file}: malformed representation {_short(raw)}; expected pyvene's list [layer, component, unit, ...]")
+        raise ValueError(f"{file}: malformed representation {short(raw)}; expected pyvene's list [layer, component, unit, ...]")
     return {field: rep.get(field) for field in _FIELDS}
 
 
@@ -159,7 +159,7 @@ def _site(rep: dict, folder: Path) -> str:
         raise ValueError(f"{where}: unit {rep['unit']!r} x {rep['max_number_of_units']}; only unit 'pos' (one token per unit) converts")
     for field in ("intervention_link_key", "subspace_partition", "moe_key", "source_representation", "hidden_source_representation"):
         if rep[field] not in (None, False):
-            raise ValueError(f"{where}: {field} = {_short(rep[field])} is not supported (reft interventions take no sources, links or subspaces)")
+            raise ValueError(f"{where}: {field} = {short(rep[field])} is not supported (reft interventions take no sources, links or subspaces)")
     return f"layers.{rep['layer']}.{rep['component']}"
 
 
@@ -168,7 +168,7 @@ def _class_name(text: Any, folder: Path) -> str:
     match = re.fullmatch(r"<class '([\w.]+)'>", str(text))
     name = match[1].rsplit(".", 1)[-1] if match else None
     if name not in _CONVERT:
-        raise ValueError(f"{folder / CONFIG_NAME}: intervention {_short(text)} does not convert; supported: {', '.join(_CONVERT)}")
+        raise ValueError(f"{folder / CONFIG_NAME}: intervention {short(text)} does not convert; supported: {', '.join(_CONVERT)}")
     return name
 
 
@@ -184,7 +184,7 @@ def _read_state(file: Path) -> dict[str, torch.Tensor]:
             f"files with torch.load(weights_only=True) and never runs pickled code ({str(e).splitlines()[0][:200]})"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ValueError(f"{file}: expected a state dict {{name: tensor}}, got {_short(state)}")
+        raise ValueError(f"{file}: expected a state dict {{name: tensor}}, got {short(state)}")
     return {k: v for k, v in state.items() if k not in _BUFFERS}
 
 

@@ -2,25 +2,29 @@
 
 One JSON line per K (number of adapters, default 1, 4, 16, 64). K LoReFT adapters (rank 8, tied, f7+l7)
 on every layer's block output (30 sites each on SmolLM2) sit on one `IntervenableModel`; a batch has
-`max(rows, K)` rows (default 16), row i routed to adapter i % K, so every adapter has a row and at
-K = 16 each row has its own. In one process, interleaved, medians:
+`max(rows, K)` rows (default 8), row i routed to adapter i % K, so every adapter has a row and from
+K = 16 on each row has its own. In one process, interleaved, medians:
 - `train`: a training step (forward with labels, backward, fused AdamW over the K adapters' parameters)
   on the mixed batch (`adapter_names=`) / the same step with one adapter for every row (no routing);
 - `forward`: the same forward pass without gradients, mixed / one adapter;
 - `generate`: `rm.generate(..., adapter_names=)` (mode "prompt": the prefill alone runs interventions)
   vs peft's mixed-batch LoRA (rank 8 on q_proj and v_proj, the same K adapter names,
   `model.generate(..., adapter_names=)`), on the same prompts, greedy, exactly `new` new tokens each
-  (`min_new_tokens`). `reft/peft` is our tokens/s over peft's: above 1, ours is faster. Plain
-  `generate` on the bare base model is timed beside them. Without peft installed it is skipped.
-The three parties run on module trees that share the base model's weight tensors.
+  (`min_new_tokens`). `reft/peft` is our tokens/s over peft's: above 1, ours is faster. With
+  `--plain`, plain `generate` on the bare base model is timed beside them. Without peft installed
+  only reft (and plain) are timed.
+The parties run on module trees that share the base model's weight tensors.
 
 Times are CPU time of this process (`time.process_time`, one intra-op thread) on a CPU, as
 `bench/run.py` explains (on a shared machine wall-clock also counts waiting for a core; it is printed
 beside them), and synchronized wall-clock time on CUDA. The model's 64 adapters are built once; a
 call routes to the first K, so every K runs with the same adapters loaded.
 
-Defaults (SmolLM2 on 2 CPU cores, about 6 minutes): rows 16 (64 at K = 64), 32 tokens per row, 32
-prompt tokens and 16 new tokens for generation, 3 repetitions after one warm-up call.
+Defaults (SmolLM2, one thread: about 6 minutes of CPU time): 8 rows (16 at K = 16, 64 at K = 64),
+16 tokens per row (f7+l7 then edits 14 of them: the interventions' share of the work is near its
+largest, so the mixed/one ratios are upper bounds), 16 prompt tokens and 16 new tokens for
+generation, 3 repetitions after one warm-up call. Longer rows or more of them cost proportionally
+more time: K = 64 alone is half of the run.
 
     python bench/adapters.py                          # SmolLM2, K = 1 4 16 64
     python bench/adapters.py --model tiny --ks 1 4 --reps 1
@@ -41,7 +45,7 @@ import workloads as w  # noqa: E402
 
 KS = (1, 4, 16, 64)
 RANK, POSITIONS = 8, "f7+l7"
-ROWS, TOKENS, NEW, REPS = 16, 32, 16, 3
+ROWS, TOKENS, NEW, REPS = 8, 16, 16, 3
 TARGET_K, TARGET = 16, 1.10  # mixed / one adapter, train step and forward, at K = 16
 
 
@@ -89,11 +93,11 @@ def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 
 def run(base: nn.Module, model_name: str, ks=KS, rows: int = ROWS, tokens: int = TOKENS, new: int = NEW, reps: int = REPS,
-        warmup: int = 1) -> list[dict]:
+        warmup: int = 1, plain: bool = False) -> list[dict]:
     """One record per K in `ks`, for `base` (any device and dtype; its weights are shared, not copied)."""
     device = next(base.parameters()).device
     cuda = device.type == "cuda"
-    plain = shared_copy(base)
+    bare = shared_copy(base) if plain else None
     lora = peft_adapters(shared_copy(base), max(ks))
     rm = reft_adapters(base, max(ks))
     vocab = base.config.vocab_size
@@ -146,10 +150,9 @@ def run(base: nn.Module, model_name: str, ks=KS, rows: int = ROWS, tokens: int =
 
         prompts = {k: v.to(device) for k, v in w.batch(vocab, B, tokens, seed=100 + K).items() if k != "labels"}
         options = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=base.config.pad_token_id or 0)
-        generators = {
-            "generate_reft": lambda: rm.generate(**prompts, adapter_names=route, **options),
-            "generate_plain": lambda: plain.generate(**prompts, **options),
-        }
+        generators = {"generate_reft": lambda: rm.generate(**prompts, adapter_names=route, **options)}
+        if bare is not None:
+            generators["generate_plain"] = lambda: bare.generate(**prompts, **options)
         if lora is not None:
             generators["generate_peft"] = lambda: lora.generate(**prompts, adapter_names=route, **options)
         with torch.no_grad():
@@ -173,8 +176,8 @@ def run(base: nn.Module, model_name: str, ks=KS, rows: int = ROWS, tokens: int =
             out["generate"] = {
                 "tokens_per_s": {side: round(v, 2) for side, v in speed.items()},
                 "reft/peft": w.ratio(speed["reft"], speed["peft"]) if "peft" in speed else None,
-                "reft/plain": w.ratio(speed["reft"], speed["plain"]),
-                "peft/plain": w.ratio(speed["peft"], speed["plain"]) if "peft" in speed else None,
+                "reft/plain": w.ratio(speed["reft"], speed["plain"]) if "plain" in speed else None,
+                "peft/plain": w.ratio(speed["peft"], speed["plain"]) if "peft" in speed and "plain" in speed else None,
             }
             return out
 
@@ -221,6 +224,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens per row, and prompt tokens")
     parser.add_argument("--new", type=int, default=NEW, help="new tokens per generated row")
     parser.add_argument("--reps", type=int, default=REPS, help="interleaved repetitions per variant")
+    parser.add_argument("--plain", action="store_true", help="also time plain generate on the bare model")
     args = parser.parse_args()
     w.set_threads()
     if args.model == "smollm2":
@@ -229,7 +233,7 @@ def main() -> None:
         base, _ = reft.assets.load_smollm2(dtype=torch.float32)
     else:
         base = w.tiny_llama()
-    run(base, args.model, args.ks, args.rows, args.tokens, args.new, args.reps)
+    run(base, args.model, args.ks, args.rows, args.tokens, args.new, args.reps, plain=args.plain)
 
 
 if __name__ == "__main__":

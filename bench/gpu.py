@@ -102,7 +102,7 @@ def main() -> None:
         records = [train_step(base, label, device, s["train"], s["reps"]), generate(base, label, device, s["prompt"], s["new"], s["gen_reps"])]
         for r in records:
             w.emit(r)
-        mixed = adapters.run(base, label, ks=s["ks"], rows=s["rows"], tokens=s["tokens"], new=s["ad_new"], reps=s["ad_reps"])
+        mixed = adapters.run(base, label, ks=s["ks"], rows=s["rows"], tokens=s["tokens"], new=s["ad_new"], reps=s["ad_reps"], plain=True)
         summary.append((label, records, mixed, time.perf_counter() - started))
         del base
         if device.type == "cuda":

@@ -22,7 +22,7 @@ def run(*args: str) -> list[dict]:
 
 
 def test_adapters_bench_prints_one_line_per_k():
-    records = run("bench/adapters.py", "--model", "tiny", "--ks", "1", "4", "--rows", "4", "--tokens", "16", "--new", "4", "--reps", "1")
+    records = run("bench/adapters.py", "--model", "tiny", "--ks", "1", "4", "--rows", "4", "--tokens", "16", "--new", "4", "--reps", "1", "--plain")
     assert [r["K"] for r in records] == [1, 4]
     for r in records:
         assert r["shape"] == {"rows": 4, "tokens": 16, "prompt": 16, "new": 4} and r["clock"] == "cpu"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def test_multi_adapter():
     assert "adapters ['pirate', 'french', 'caps']" in out
     assert "training-set loss per adapter: pirate" in out
     assert "one batch of 4 rows, adapter_names=[None, 'pirate', 'french', 'caps']" in out
-    assert "row 3 (caps) alone == row 3 in the mixed batch: True" in out
+    gap, same = re.search(r"row 3 \(caps\) alone: prompt logits within (\S+) of the mixed batch's, the same first (\d+) of 8", out).groups()
+    assert float(gap) < 1e-4  # a random model: no claim on the tokens
 
 
 def test_distributed_under_torchrun(tmp_path):

@@ -43,6 +43,7 @@ def progress_bar(total: int | None = None, *, initial: int = 0, disable: bool | 
         steps = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         if "TQDM_MINITERS" not in os.environ and steps:
             kwargs["miniters"] = -(-steps // NOTEBOOK_REDRAWS)  # ceil: at most NOTEBOOK_REDRAWS redraws
+            kwargs["maxinterval"] = float("inf")  # else tqdm's monitor thread resets miniters to 1 after 10 s
         return _NotebookTextBar(iterable, **kwargs)
     return tqdm.std.tqdm(iterable, dynamic_ncols=True, **kwargs)
 

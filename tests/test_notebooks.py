@@ -55,7 +55,7 @@ def test_import_is_silent_and_progress_is_a_few_records_without_widgets(tmp_path
     nb = execute(notebook(NO_WIDGETS, "import reft", TRAIN_40_STEPS), tmp_path, monkeypatch)
     assert nb.cells[1].outputs == []  # no "IProgress not found", nothing at all
     records = stderr(nb.cells[2])
-    bars = [r for r in records if r.strip()]
+    bars = [r for r in records if "train:" in r]  # the bar's records (libraries may add their own lines)
     assert 2 <= len(bars) <= 8, records  # tqdm.auto's default wrote ~47 here
     assert "40/40" in bars[-1] and "loss=" in bars[-1]  # the last record is the finished bar, with the loss
     assert "steps 40" in "".join(o.get("text", "") for o in nb.cells[2].outputs)
@@ -80,7 +80,7 @@ def test_quickstart_notebook_runs_in_its_tiny_setting(tmp_path, monkeypatch):
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "Warning" not in text and "warn" not in text.lower(), text[:2000]
     training = next(c for c in nb.cells if "Trainer(" in c.source)
-    assert 2 <= len([r for r in stderr(training) if r.strip()]) <= 13  # at most about ten redraws, and the first and last
+    assert 2 <= len([r for r in stderr(training) if "train:" in r]) <= 12  # at most ten redraws, and the first and last
     assert "trainable params:" in text and "final loss" in text
     assert "Q: What do cats like to eat?" in text and "LoReFT:" in text
     assert "same answer after reload: True" in text

@@ -244,9 +244,9 @@ def test_answer_data_fills_the_templates_and_names_what_is_missing(tmp_path):
     recipe = load_recipe("configs/smollm2_pirate.yaml", overrides)  # {answer} is a template, not a YAML mapping
     assert answer_data(recipe) == (["Q: What is 0 + 0?", "Q: What is 1 + 1?", "Q: What is 2 + 2?"], ["0", "2", "4"])
     with pytest.raises(RecipeError, match=r"data.answer: the recipe has no gold answers: set data.answer, e.g. --set data.answer=\{answer\}"):
-        answer_data(load_recipe("configs/smollm2_pirate.yaml", overrides[:2]))
+        answer_data(load_recipe("configs/smollm2_pirate.yaml", [*overrides[:2], "data.answer=null"]))
     with pytest.raises(RecipeError, match="the recipe has no eval data"):
-        answer_data(load_recipe("configs/smollm2_pirate.yaml", [f"data.train={path}", "data.answer={answer}"]))
+        answer_data(load_recipe("configs/smollm2_pirate.yaml", [f"data.train={path}", "data.eval=null", "data.answer={answer}"]))
     with pytest.raises(RecipeError, match="data.answer: example 0 has no field 'gold'"):
         answer_data(load_recipe("configs/smollm2_pirate.yaml", [*overrides[:2], "data.answer={gold}"]))
 

@@ -705,7 +705,11 @@ def _context_length(config: Any) -> int | None:
 
 
 def _device_of(rm: nn.Module) -> torch.device:
-    return next(rm.model.parameters()).device
+    """Where batches go: the base model's execution device (accelerate's, when it dispatched the model;
+    its offloaded weights are on `meta`), else its first real parameter's."""
+    from .model import _execution_device
+
+    return _execution_device(rm.model, rm.model)
 
 
 def _init_distributed(rm: nn.Module) -> tuple[int, int]:

@@ -79,6 +79,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1.3x the time
     objective: str = "ce"  # "ce" (cross-entropy), or "dpo" / "reps" on preference pairs (reft.objectives)
     beta: float = 0.1  # DPO's weight on the log-probability margin
+    compile: bool | str = False  # torch.compile the forward and backward (True: inductor, or a backend name); see training.md
 
     def __post_init__(self):
         def bad(name: str, valid: str) -> ValueError:
@@ -117,6 +118,8 @@ class TrainConfig:
             raise bad("objective", f"one of {', '.join(OBJECTIVES)}")
         if not (isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and self.beta > 0):
             raise bad("beta", "a number > 0, e.g. 0.1")
+        if not isinstance(self.compile, bool) and self.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise bad("compile", "True, False or a torch.compile backend name such as 'inductor' or 'aot_eager' (torch._dynamo.list_backends())")
         if self.save_every is not None and self.output_dir is None:
             raise ValueError(f"TrainConfig.save_every = {self.save_every}: checkpoints need an output_dir")
 
@@ -240,6 +243,8 @@ class Trainer:
             _write_log(Path(cfg.output_dir) / LOG_NAME, self.history)  # drops records past the checkpoint
 
         model = self.ddp if self.ddp is not None else self.rm
+        if cfg.compile:  # the loss and AdamW stay eager; pad batches to few lengths (Collator(pad_to_multiple_of=...))
+            model = torch.compile(model, backend="inductor" if cfg.compile is True else cfg.compile)
         self._window = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]  # loss sum, count
         self._nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # the first step whose loss was not
         self._grad_norm = None

@@ -172,6 +172,13 @@ class Trainer:
         self.params = [p for p in rm.trainable_parameters()]
         if not self.params:
             raise ValueError("rm has no trainable parameters: nothing to train")
+        half = [name for name, p in rm.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if self.config.precision == "fp16" and half:
+            raise ValueError(
+                f"precision='fp16' scales the loss with a GradScaler, which cannot unscale float16 gradients, but "
+                f"{half[0]!r} is torch.float16: build the interventions with dtype=torch.float32 (the base model "
+                "may stay float16), or train with precision='bf16'"
+            )
         self.objective = make_objective(self.config.objective, self.config.beta)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             if data is not None:

@@ -114,6 +114,26 @@ def test_trainer_steps_on_an_offloaded_model_match_the_plain_one(how, tmp_path):
     assert [r["loss"] for r in hb] == pytest.approx([r["loss"] for r in ha], abs=1e-5)
 
 
+def test_a_model_on_meta_gets_its_interventions_off_meta():
+    """A base built on `meta` (its weights to be loaded later) has no execution device yet: the
+    interventions go to the CPU, never to `meta`, and train once the weights are there."""
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(tiny.CONFIGS["llama"](initializer_range=0.2)).eval()
+    rm = _wrap(model)
+    assert all(p.device.type == "cpu" for p in rm.trainable_parameters())
+    model.to_empty(device="cpu")
+    reference = tiny.causal_lm(initializer_range=0.2)
+    model.load_state_dict(reference.state_dict())
+    model.model.rotary_emb.inv_freq.copy_(reference.model.rotary_emb.inv_freq)  # a buffer outside the state dict
+    plain = _wrap(reference)
+    ids, mask = tiny.padded_batch([7, 4, 6], side="left")
+    with torch.no_grad():
+        torch.testing.assert_close(rm(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu.sh)")
 @pytest.mark.parametrize("split", ["cuda_and_cpu", "cpu_offload_to_cuda"])

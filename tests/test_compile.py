@@ -129,7 +129,7 @@ def test_compile_true_compiles_with_inductor_and_matches_eager():
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward, backward
 
 
-@pytest.mark.xfail(strict=True, reason="model.py: the first call sets rm._checkpointable, so the second recompiles: lead's patch pending")
+@pytest.mark.xfail(strict=True, reason="model.py's first call sets rm._checkpointable and _edit.py hashes the length: lead's patch pending")
 def test_padded_lengths_compile_at_most_two_graphs():
     """The first length compiles a graph, the next one a graph with a dynamic length that serves every
     later length: no recompilation per batch."""
@@ -138,9 +138,10 @@ def test_padded_lengths_compile_at_most_two_graphs():
     data = build_generation_data(tok, pairs(4 * 8, seed=3))
     rm = _wrap("f1+l1")
     compiled = torch.compile(rm, backend="aot_eager")
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))  # batches of similar lengths
     seen = set()
     for i in range(0, len(data), 4):
-        batch = collator([data[j] for j in range(i, i + 4)])
+        batch = collator([data[j] for j in order[i : i + 4]])
         seen.add(batch["input_ids"].shape[1])
         compiled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
     assert len(seen) >= 3, seen

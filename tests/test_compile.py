@@ -82,7 +82,6 @@ def test_compiled_explicit_positions_out_of_range_are_an_error():
     assert counters["stats"]["unique_graphs"] == 1  # the bad batch ran the same graph, whose assert failed
 
 
-@pytest.mark.xfail(strict=True, reason="_edit.py Unit.group_key runs json.dumps in every routed call: lead's patch pending")
 def test_a_routed_forward_is_one_graph():
     rm = _wrap("l1")
     rm.add_adapter("b", reft.ReftConfig({"layers.1.block_output": {"name": "loreft", "rank": 4}}, positions="l2"))

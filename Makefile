@@ -13,7 +13,7 @@ $(PY):
 # torch first, pinned: the CPU build on disk; an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,quant]'
 	touch $@
 
 install: $(VENV)/.installed

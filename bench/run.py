@@ -8,6 +8,7 @@ one process with interleaved repetitions and medians (their transformers version
 3. peak memory of a training step vs the floor's: `bench/memory.py` (a fresh process per configuration),
    and on SmolLM2 `TrainConfig(gradient_checkpointing=True)` vs off (`bench/memory.py --checkpointing`);
 4. many adapters on SmolLM2 (ours only; peft's LoRA in the same process): `bench/adapters.py`;
+5. the compiled training step (`TrainConfig(compile=True)`) vs the eager floor: `bench/compile_step.py`;
 then one `*_vs_pyreft` line per workload and a last `targets` line that says which targets are met.
 The ours/pyreft ratios come from the peer's process: with `--with-reft` it times reft's variants
 interleaved with pyreft's on the same transformers (4.45.1), so the ratio compares the libraries,
@@ -18,7 +19,7 @@ the process's CPU time is the work done). The comparisons and targets use CPU ti
 shared with other work, wall-clock time also counts the time spent waiting for a core, which swamps
 differences of a few percent; the wall-clock figures are printed beside them.
 
-    python bench/run.py            # everything (30-35 minutes on 2 shared CPU cores)
+    python bench/run.py            # everything (35-45 minutes on 2 shared CPU cores; compiling SmolLM2 is most of the rest)
     python bench/run.py --quick    # a smoke run with few repetitions (figures not meaningful)
 """
 
@@ -36,8 +37,8 @@ ROOT = HERE.parent
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
 MODELS = ("tiny", "smollm2")
 QUICK_REPS = {"tiny": 3, "smollm2": 1}
-TARGETS = {"train_step": 1.05, "red": 1.03, "generate": 1.03, "memory": 1.05, "checkpointing": 0.70}
-PARTS = ["train_step", "generate", "memory", "adapters"]
+TARGETS = {"train_step": 1.05, "red": 1.03, "generate": 1.03, "memory": 1.05, "checkpointing": 0.70, "compile": 0.85}
+PARTS = ["train_step", "generate", "memory", "adapters", "compile"]
 
 sys.path.insert(0, str(HERE))
 import adapters  # noqa: E402
@@ -139,6 +140,8 @@ def targets(records: list[dict]) -> dict:
             for variant, ratios in r["ratio_to_floor"].items():
                 for key in ("total_peak_mib", "step_peak_mib"):
                     check(f"memory/{model}/{variant} {key} vs floor", ratios[key], TARGETS["memory"])
+        elif bench_name == "compile_step":
+            check(f"compile_step/{model}/loreft compiled vs eager floor", r["cpu_ratio_to_floor"]["loreft_compiled"], TARGETS["compile"])
         elif bench_name == "train_step_vs_pyreft":
             for variant, row in r["variants"].items():
                 if row["reft/pyreft"] is not None:
@@ -202,6 +205,9 @@ def main() -> None:
             records += bench(sys.executable, "memory.py", "--checkpointing", "--model", "smollm2")
     if "adapters" in parts and "smollm2" in args.models:
         records += bench(sys.executable, "adapters.py", "--model", "smollm2", *(["--reps", "1"] if args.quick else []))
+    if "compile" in parts:
+        for model in args.models:
+            records += bench(sys.executable, "compile_step.py", "--model", model, *reps(args, model))
     w.emit(targets(records))
 
 

@@ -3,7 +3,8 @@
 The loop is ours, not a subclass of Hugging Face's `Trainer`: AdamW over `rm.trainable_parameters()`
 only, a warm-up + decay schedule, gradient accumulation with exact token-count normalisation, autocast
 precision, periodic logging / evaluation / checkpoints. The same script runs on one CPU, one GPU, or
-many processes under `torchrun` (DDP over the trainable parameters, a distributed sampler, logs and
+many processes under `torchrun` (DDP over the trainable parameters, or, when the base is sharded with
+FSDP2's `fully_shard`, one all-reduce of their gradients per step; a distributed sampler; logs and
 checkpoints on rank 0 only).
 
 Loss. `TrainConfig.objective` picks it (`reft.objectives`). With `"ce"` (the default), for token labels
@@ -79,6 +80,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each layer in the backward: less memory, ~1.3x the time
     objective: str = "ce"  # "ce" (cross-entropy), or "dpo" / "reps" on preference pairs (reft.objectives)
     beta: float = 0.1  # DPO's weight on the log-probability margin
+    compile: bool | str = False  # torch.compile the forward and backward (True: inductor, or a backend name); see training.md
 
     def __post_init__(self):
         def bad(name: str, valid: str) -> ValueError:
@@ -117,6 +119,8 @@ class TrainConfig:
             raise bad("objective", f"one of {', '.join(OBJECTIVES)}")
         if not (isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool) and self.beta > 0):
             raise bad("beta", "a number > 0, e.g. 0.1")
+        if not isinstance(self.compile, bool) and self.compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise bad("compile", "True, False or a torch.compile backend name such as 'inductor' or 'aot_eager' (torch._dynamo.list_backends())")
         if self.save_every is not None and self.output_dir is None:
             raise ValueError(f"TrainConfig.save_every = {self.save_every}: checkpoints need an output_dir")
 
@@ -168,6 +172,13 @@ class Trainer:
         self.params = [p for p in rm.trainable_parameters()]
         if not self.params:
             raise ValueError("rm has no trainable parameters: nothing to train")
+        half = [name for name, p in rm.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if self.config.precision == "fp16" and half:
+            raise ValueError(
+                f"precision='fp16' scales the loss with a GradScaler, which cannot unscale float16 gradients, but "
+                f"{half[0]!r} is torch.float16: build the interventions with dtype=torch.float32 (the base model "
+                "may stay float16), or train with precision='bf16'"
+            )
         self.objective = make_objective(self.config.objective, self.config.beta)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             if data is not None:
@@ -180,7 +191,11 @@ class Trainer:
                 _check_data(rm, data, name, self.world, self.config)
         if self.config.gradient_checkpointing:
             _enable_checkpointing(rm.model)
-        self.ddp = _wrap_ddp(rm, self.device) if self.world > 1 else None
+        sharded = _sharded(rm)  # a base sharded by fully_shard: no DDP; _step averages the replicated gradients
+        self.ddp = _wrap_ddp(rm, self.device) if self.world > 1 and not sharded else None
+        if self.world > 1 and sharded:
+            for p in self.params:  # every process starts from rank 0's interventions, as DDP would make it
+                dist.broadcast(p.detach(), src=0)
         self.optimizer = _optimizer(rm, self.config)
         self.total_steps = self.config.max_steps or max(1, math.ceil(self.config.epochs * self.steps_per_epoch))
         self.scheduler = _scheduler(self.optimizer, self.config, self.total_steps)
@@ -240,6 +255,8 @@ class Trainer:
             _write_log(Path(cfg.output_dir) / LOG_NAME, self.history)  # drops records past the checkpoint
 
         model = self.ddp if self.ddp is not None else self.rm
+        if cfg.compile:  # the loss and AdamW stay eager; pad batches to few lengths (Collator(pad_to_multiple_of=...))
+            model = torch.compile(model, backend="inductor" if cfg.compile is True else cfg.compile)
         self._window = [torch.zeros((), device=self.device), torch.zeros((), device=self.device)]  # loss sum, count
         self._nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # the first step whose loss was not
         self._grad_norm = None
@@ -289,6 +306,8 @@ class Trainer:
             self._window[0] += loss_sum.detach().float()
             self._nonfinite.masked_fill_((self._nonfinite < 0) & ~torch.isfinite(loss_sum.detach()), step)
         self._window[1] += counts.sum()
+        if self.world > 1 and self.ddp is None:
+            _average_gradients(self.params, self.world)
         if not self._gradients_seen:
             self._check_gradients()
         if self.scaler is not None:
@@ -705,7 +724,11 @@ def _context_length(config: Any) -> int | None:
 
 
 def _device_of(rm: nn.Module) -> torch.device:
-    return next(rm.model.parameters()).device
+    """Where batches go: the base model's execution device (accelerate's, when it dispatched the model;
+    its offloaded weights are on `meta`), else its first real parameter's."""
+    from .model import _execution_device
+
+    return _execution_device(rm.model, rm.model)
 
 
 def _init_distributed(rm: nn.Module) -> tuple[int, int]:
@@ -731,6 +754,45 @@ def _wrap_ddp(rm: nn.Module, device: torch.device) -> nn.Module:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(rm, frozen)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(rm, device_ids=ids)
+
+
+def _sharded(rm: nn.Module) -> bool:
+    """Whether `rm`'s base model holds parameters sharded by FSDP2's `fully_shard` (DTensors).
+
+    The trainable ones must not be: the Trainer keeps them replicated and averages their gradients.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed
+        return False
+    sharded = [(name, p.requires_grad) for name, p in rm.named_parameters() if isinstance(p, DTensor)]
+    trained = [name for name, requires_grad in sharded if requires_grad]
+    if trained:
+        raise ValueError(
+            f"trainable parameter {trained[0]!r} is sharded by fully_shard: shard the base model (its layers, then "
+            "the model itself) before wrapping it, never the IntervenableModel; keep a trained head out with "
+            "fully_shard(model, ignored_params=set(head.parameters())) (docs/distributed.md)"
+        )
+    return bool(sharded)
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Average the replicated parameters' gradients over the processes, as DDP would: one all-reduce
+    per dtype. A parameter that no process gave a gradient keeps None (AdamW skips it, as in one
+    process); one that only some did gets zeros from the others."""
+    groups: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(p.dtype, []).append(p)
+    for group in groups.values():
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+        has = torch.tensor([p.grad is not None for p in group], dtype=group[0].dtype, device=grads[0].device)
+        flat = torch.cat([*grads, has])  # [sum of sizes + len(group)]: one message
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p, given in zip(group, (flat[-len(group):] > 0).tolist()):  # the step's one host sync here
+            p.grad = flat[offset : offset + p.numel()].view_as(p) if given else None
+            offset += p.numel()
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

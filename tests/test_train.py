@@ -155,6 +155,28 @@ def test_torchrun_two_processes_match_one_process_at_the_same_global_batch(tmp_p
     assert "eval_loss" in records[-1]
 
 
+def test_torchrun_with_the_base_sharded_by_fully_shard_matches_one_process(tmp_path):
+    """docs/distributed.md's FSDP2 recipe (the base built on meta, each layer and the model sharded,
+    the weights broadcast from rank 0), grad_accum 2: no DDP, the replicated interventions' gradients
+    averaged by the Trainer; the same parameters as one process with the global batch, to 1e-6."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           "--fsdp", "meta", "--batch-size", "2", "--grad-accum", "2", "--out", str(tmp_path / "two.safetensors")]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("uses DDP: False") == 2
+    # sharding the wrapper too (its interventions) is refused with the way out
+    assert done.stdout.count("sharded wrapper: trainable parameter 'adapters.default.") == 2
+    assert "shard the base model (its layers, then the model itself) before wrapping it" in done.stdout
+    two = load_file(tmp_path / "two.safetensors")
+    rm, tok = build()
+    config = TrainConfig(lr=1e-2, batch_size=8, epochs=2, warmup_ratio=0.1, log_every=2)
+    Trainer(rm, config, build_generation_data(tok, pairs(40))).fit()
+    one = trainable(rm)
+    assert set(one) == set(two)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
+
+
 # ------------------------------------------------------------------ modes
 def test_intervention_dropout_is_on_while_training_and_off_while_evaluating():
     rm, tok = build(dropout=0.5)

@@ -127,12 +127,13 @@ class IntervenableModel(nn.Module):
         self._check_new_name(adapter_name)
         self._add(adapter_name, config, config.build(self.model))
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str) -> None:
-        """Add the adapter saved at `path` (by `save_pretrained`) as `adapter_name` (not made active)."""
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str, revision: str | None = None) -> None:
+        """Add the adapter saved at `path` (a folder or Hub repo id, `save_pretrained`'s format) as `adapter_name` (not made active)."""
         from .checkpoint import read_adapter
+        from .hub import resolve
 
         self._check_new_name(adapter_name)
-        config, interventions, head = read_adapter(self.model, path)
+        config, interventions, head = read_adapter(self.model, resolve(path, revision))
         self._add(adapter_name, config, interventions)
         _copy_head(self.model, head)
 
@@ -471,13 +472,20 @@ class IntervenableModel(nn.Module):
 
         save_adapter(self, path)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapters and a model card to Hub repo `repo_id` (see `reft.hub.push_to_hub`)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, device: str | torch.device | None = None,
-                        adapter_name: str = DEFAULT) -> "IntervenableModel":
-        """Rebuild the adapter saved at `path` (by `save_pretrained`) on `model`, named `adapter_name`."""
+                        adapter_name: str = DEFAULT, revision: str | None = None) -> "IntervenableModel":
+        """Rebuild the adapter saved at `path` (a folder or Hub repo id, by `save_pretrained`) on `model`, named `adapter_name`."""
         from .checkpoint import read_adapter
+        from .hub import resolve
 
-        config, interventions, head = read_adapter(model, path)
+        config, interventions, head = read_adapter(model, resolve(path, revision))
         values = {site: ivs[0] if len(ivs) == 1 else tuple(ivs) for site, ivs in interventions.items()}
         rm = cls(model, values, positions=dict(config.positions), tied=config.tied, head=config.head or None,
                  adapter_name=adapter_name, max_norm=config.max_norm)

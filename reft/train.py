@@ -921,9 +921,9 @@ def _set_process_rng(rng: dict[str, torch.Tensor]) -> None:
 
 
 def _progress(total: int, initial: int, disable: bool):
-    from tqdm.auto import tqdm
+    from ._progress import progress_bar
 
-    return tqdm(total=total, initial=initial, disable=disable, desc="train", dynamic_ncols=True)
+    return progress_bar(total, initial=initial, disable=disable, desc="train")
 
 
 def _write_log(path: Path, records: list[dict]) -> None:

@@ -91,8 +91,8 @@ def read_adapter(model: nn.Module, path: PathLike) -> tuple[ReftConfig, dict[str
     """
     folder = Path(path)
     where = folder / CONFIG_NAME
-    raw = _read_json(folder, CONFIG_NAME, "an adapter")
-    _check_format(raw, "reft-adapter", where)
+    raw = read_json(folder, CONFIG_NAME, "an adapter")
+    check_format(raw, "reft-adapter", where)
     _check_base_model(raw, model, folder)
     config = ReftConfig.from_dict(raw, str(where))
     _check_sites(model, config, raw, folder)
@@ -253,14 +253,14 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
     tensors, the optimizer and scheduler states and the RNG states (CUDA only where devices exist).
     """
     folder = Path(path)
-    record = _read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
-    _check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
+    record = read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
+    check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
     _checked_state(record, folder)
     adapters = {}  # adapter name -> its tensors in the checkpoint
     for name in rm.adapter_names:
         sub = folder if name == DEFAULT_ADAPTER else folder / name
-        config = _read_json(sub, CONFIG_NAME, f"adapter {name!r} of a training checkpoint")
-        _check_format(config, "reft-adapter", sub / CONFIG_NAME)
+        config = read_json(sub, CONFIG_NAME, f"adapter {name!r} of a training checkpoint")
+        check_format(config, "reft-adapter", sub / CONFIG_NAME)
         _check_base_model(config, rm.model, sub)
         ours = _adapter_config(rm, name)
         for key in ("sites", "head"):
@@ -293,11 +293,11 @@ def load_training_checkpoint(path: PathLike, rm, optimizer=None, scheduler=None)
     return record["state"]
 
 
-def _read_training_state(path: PathLike) -> dict:
+def read_training_state(path: PathLike) -> dict:
     """The caller's `state` in the checkpoint at `path`, read and checked without restoring anything."""
     folder = Path(path)
-    record = _read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
-    _check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
+    record = read_json(folder, TRAINING_STATE_NAME, "a training checkpoint")
+    check_format(record, "reft-training-checkpoint", folder / TRAINING_STATE_NAME)
     return _checked_state(record, folder)
 
 
@@ -313,11 +313,11 @@ def latest_checkpoint(output_dir: PathLike) -> str | None:
 
     Temporary folders of an interrupted save (`.checkpoint-{step}.tmp-*`) are never returned.
     """
-    found = _checkpoints(output_dir)
+    found = checkpoints(output_dir)
     return found[-1][1] if found else None
 
 
-def _checkpoints(output_dir: PathLike) -> list[tuple[int, str]]:
+def checkpoints(output_dir: PathLike) -> list[tuple[int, str]]:
     """`[(step, folder)]` of the complete `checkpoint-{step}` folders under `output_dir`, by step."""
     root = Path(output_dir)
     if not root.is_dir():
@@ -441,7 +441,7 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # ================================================================== validation
-def _read_json(folder: Path, name: str, what: str) -> dict:
+def read_json(folder: Path, name: str, what: str) -> dict:
     file = folder / name
     if not folder.is_dir():
         raise FileNotFoundError(f"no folder {str(folder)!r}: expected {what} with {name}")
@@ -501,7 +501,7 @@ def _read_regular_file(file: Path, size: int | None, limit: int | None = None) -
     return data
 
 
-def _check_format(config: dict, kind: str, where: Path) -> None:
+def check_format(config: dict, kind: str, where: Path) -> None:
     if config.get("format") != kind:
         raise ValueError(f"{where}: 'format' is {short(config.get('format'))}, expected {kind!r}")
     version = config.get("format_version")
@@ -641,10 +641,10 @@ def _device_of(model: nn.Module) -> torch.device:
 def _atomic_folder(path: PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` in one rename.
 
-    Before anything is written, `_save_target` refuses a `path` whose folder holds entries this library
+    Before anything is written, `save_target` refuses a `path` whose folder holds entries this library
     did not write; of its own entries, those the new folder does not rewrite are kept.
     """
-    target = _save_target(path)
+    target = save_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
@@ -659,7 +659,7 @@ def _atomic_folder(path: PathLike) -> Iterator[Path]:
     _fsync(target.parent)
 
 
-def _save_target(path: PathLike) -> Path:
+def save_target(path: PathLike) -> Path:
     """The folder a save to `path` replaces: `path`, or the folder a symlink at `path` points to.
 
     Raises a ValueError, before anything is written, when that is the working folder or one above it,
@@ -835,7 +835,7 @@ def _write_bytes(file: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _write_file(path: PathLike, data: bytes) -> None:
+def write_file(path: PathLike, data: bytes) -> None:
     """Write file `path` atomically: a temporary file beside it (`.{name}.tmp-*`), flushed, then renamed
     onto it; its permissions follow the umask, as those of a file the user creates."""
     path = Path(path)

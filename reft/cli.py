@@ -195,16 +195,16 @@ def _train(args: argparse.Namespace) -> int:
             raise RecipeError(f"{'; '.join(missing)} (the recipe itself is valid)")
         print(f"recipe {args.config}: OK (dry run, no weights loaded)")
         return 0
-    from .checkpoint import _save_target
+    from .checkpoint import save_target
     from .recipes import build_data, build_intervenable, load_model
-    from .train import Trainer, _check_allow_changes
+    from .train import Trainer, check_allow_changes
 
     if args.allow_changes and not args.resume:
         raise ValueError(f"--allow-change {' '.join(args.allow_changes)}: goes with --resume")
-    _check_allow_changes(args.allow_changes)
+    check_allow_changes(args.allow_changes)
     out = Path(recipe.train.output_dir) / "adapter"
     if _is_rank0():
-        _save_target(out)  # a folder the adapter cannot be saved into is refused now, not after training
+        save_target(out)  # a folder the adapter cannot be saved into is refused now, not after training
 
     model, tokenizer = load_model(recipe)
     rm = build_intervenable(recipe, model)
@@ -292,26 +292,26 @@ def _eval_generate(args: argparse.Namespace, recipe) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import _prompt_encoder
-    from .evaluate import _left_pad, _pad_id
+    from .data import prompt_encoder
+    from .evaluate import left_pad, pad_id
     from .model import IntervenableModel
-    from .recipes import ModelSection, Recipe, _import_modules, load_model
+    from .recipes import ModelSection, Recipe, import_recipe_modules, load_model
 
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature {args.temperature}: must be a finite number >= 0 (0 = greedy)")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be an int >= 1")
     if args.model:
-        _import_modules(args.imports, "--import", exclude=args.adapter)
+        import_recipe_modules(args.imports, "--import", exclude=args.adapter)
         recipe = Recipe(model=ModelSection(path=args.model), intervention=None, data=None, train=None)
     else:
         recipe = _adapter_recipe(args, [])
     model, tokenizer = load_model(recipe)
     rm = IntervenableModel.from_pretrained(model, args.adapter)
     rm.eval()
-    encode = _prompt_encoder(tokenizer, chat_template=False if args.no_chat_template else None, system_prompt=None)
-    pad = _pad_id(tokenizer)
-    input_ids, attention_mask = _left_pad([encode(p) for p in args.prompt], pad)  # prompts as training saw them
+    encode = prompt_encoder(tokenizer, chat_template=False if args.no_chat_template else None, system_prompt=None)
+    pad = pad_id(tokenizer)
+    input_ids, attention_mask = left_pad([encode(p) for p in args.prompt], pad)  # prompts as training saw them
     device = next(model.parameters()).device
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
@@ -336,18 +336,18 @@ def _decode(tokenizer, ids) -> str:
 
 # --------------------------------------------------------------------------------------- info
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, _check_format, _read_json
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_format, read_json
     from .config import ReftConfig
 
     folder = Path(args.adapter)
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not an adapter folder (written by save_pretrained or reft train)")
-    config = _read_json(folder, CONFIG_NAME, "an adapter")  # bounded in size and depth; a ValueError naming the file
+    config = read_json(folder, CONFIG_NAME, "an adapter")  # bounded in size and depth; a ValueError naming the file
     if args.json:
         print(json.dumps(config, indent=2))
         return 0
-    _check_format(config, "reft-adapter", config_file)
+    check_format(config, "reft-adapter", config_file)
     adapter = ReftConfig.from_dict(config, str(config_file))  # the sites, positions and interventions, checked
     base = config.get("base_model", {})
     if not isinstance(base, dict):
@@ -434,9 +434,9 @@ def _adapter_recipe(args: argparse.Namespace, overrides: list[str]):
     """The recipe of `eval`/`generate`: `--config`, or the adapter's recipe.yaml. Modules are imported from
     `--import` and from a `--config` recipe, never because the adapter's recipe names them, and never
     from the adapter's folder."""
-    from .recipes import _import_modules, load_recipe
+    from .recipes import import_recipe_modules, load_recipe
 
-    _import_modules(args.imports, "--import", exclude=args.adapter)
+    import_recipe_modules(args.imports, "--import", exclude=args.adapter)
     config = getattr(args, "config", None)
     args.recipe_file = config or _recipe_file(args.adapter)
     if config:
@@ -476,9 +476,9 @@ def _round(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomic: a temporary file in the same folder, then `os.replace`."""
-    from .checkpoint import _write_file
+    from .checkpoint import write_file
 
-    _write_file(path, text.encode("utf-8"))
+    write_file(path, text.encode("utf-8"))
 
 
 if __name__ == "__main__":

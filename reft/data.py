@@ -121,7 +121,7 @@ def build_generation_data(
         prompt), `prompt_length` and, when given, `positions`.
     """
     _check_choice("on_too_long", on_too_long, _TOO_LONG)
-    encode_prompt = _prompt_encoder(tokenizer, chat_template, system_prompt)
+    encode_prompt = prompt_encoder(tokenizer, chat_template, system_prompt)
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
@@ -152,7 +152,7 @@ def build_generation_data(
     return _finish(examples, "generation", tokenizer, limit, skipped)
 
 
-def _prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: str | None) -> Callable[[str], list[int]]:
+def prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: str | None) -> Callable[[str], list[int]]:
     """`prompt -> token ids` as training sees prompts (and `reft.evaluate` generates from them).
 
     With a chat template (`chat_template=None`: when the tokenizer has one) the prompt is a user turn,
@@ -165,7 +165,7 @@ def _prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: s
     if system_prompt is not None and not use_chat:
         raise ValueError("system_prompt needs a chat template; the tokenizer has none (or chat_template=False)")
     if not use_chat:
-        bos = _leading_special_tokens(tokenizer)
+        bos = leading_special_tokens(tokenizer)
         return lambda prompt: bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
 
@@ -220,7 +220,7 @@ def build_preference_data(
         `rejected_input_ids`, `rejected_labels` (`[n]` each, -100 over the prompt) and `prompt_length`.
     """
     _check_choice("on_too_long", on_too_long, _TOO_LONG)
-    encode_prompt = _prompt_encoder(tokenizer, chat_template, system_prompt)
+    encode_prompt = prompt_encoder(tokenizer, chat_template, system_prompt)
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
@@ -533,7 +533,7 @@ def _check_label(i: int, label: Any, num_labels: int | None) -> int | float:
     return label
 
 
-def _leading_special_tokens(tokenizer: Any) -> list[int]:
+def leading_special_tokens(tokenizer: Any) -> list[int]:
     """The tokens the tokenizer puts before a text (e.g. BOS), found by tokenizing a probe both ways."""
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import _leading_special_tokens
+from .data import leading_special_tokens
 from .sites import resolve_site
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def token_latents(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     site, intervention = _detector(rm, site)
-    skip = len(_leading_special_tokens(tokenizer))
+    skip = len(leading_special_tokens(tokenizer))
     encoded = [tokenizer(t)["input_ids"] for t in texts]
     empty = next((i for i, ids in enumerate(encoded) if len(ids) <= skip), None)
     if empty is not None:

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ._progress import progress_bar
-from .data import Collator, TokenizedData, _prompt_encoder
+from .data import Collator, TokenizedData, prompt_encoder
 from ._edit import MODES
-from .objectives import _logits, sequence_logprobs
+from .objectives import logits_of, sequence_logprobs
 
 if TYPE_CHECKING:
     from .model import IntervenableModel
@@ -91,8 +91,8 @@ def answer_accuracy(
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    pad = _pad_id(tokenizer)
-    encode = _prompt_encoder(tokenizer, chat_template, system_prompt)
+    pad = pad_id(tokenizer)
+    encode = prompt_encoder(tokenizer, chat_template, system_prompt)
     device = next(rm.model.parameters()).device
 
     encoded = [encode(p) for p in prompts]
@@ -101,9 +101,9 @@ def answer_accuracy(
         raise ValueError(f"prompt {empty} ({prompts[empty]!r}) tokenizes to no tokens; every prompt needs at least one")
 
     generations: list[str] = []
-    with _eval_mode(rm), torch.no_grad():
+    with eval_mode(rm), torch.no_grad():
         for start in progress_bar(iterable=range(0, len(prompts), batch_size), desc="generate", disable=None):
-            input_ids, attention_mask = _left_pad(encoded[start : start + batch_size], pad)
+            input_ids, attention_mask = left_pad(encoded[start : start + batch_size], pad)
             out = rm.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), mode=mode,
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
@@ -141,10 +141,10 @@ def preference_accuracy(rm: "IntervenableModel", data: TokenizedData, batch_size
     collate = Collator.for_data(data)
     device = next(rm.model.parameters()).device
     margins = []
-    with _eval_mode(rm), torch.no_grad():
+    with eval_mode(rm), torch.no_grad():
         for start in range(0, len(data), batch_size):
             batch = {k: v.to(device) for k, v in collate([data[i] for i in range(start, min(start + batch_size, len(data)))]).items()}
-            chosen, rejected = sequence_logprobs(_logits(rm, batch), batch["labels"]).chunk(2)
+            chosen, rejected = sequence_logprobs(logits_of(rm, batch), batch["labels"]).chunk(2)
             margins.append((chosen - rejected).cpu())
     margins = torch.cat(margins)
     return {"preference_accuracy": (margins > 0).double().mean().item(), "n": len(margins), "margins": margins.tolist()}
@@ -226,7 +226,7 @@ def _number(text: str) -> float | None:
     return float(text) if _NUMBER.fullmatch(text) else None
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     """The token that left-pads prompts: pad_token, else eos_token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -234,7 +234,7 @@ def _pad_id(tokenizer: Any) -> int:
     return pad
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_ids, attention_mask` `[B, T]` of token lists, padded on the left (generation appends on the right)."""
     T = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
@@ -246,7 +246,7 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @contextmanager
-def _eval_mode(rm: torch.nn.Module) -> Iterator[None]:
+def eval_mode(rm: torch.nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) inside the block; every module's own mode back afterwards."""
     modes = {m: m.training for m in rm.modules()}
     rm.eval()

@@ -213,7 +213,7 @@ class IntervenableModel(nn.Module):
         heads = [_head_module(self.model, path) for path in config.head]
         modules = nn.ModuleDict()
         for site_name, ivs in interventions.items():
-            device = _execution_device(sites[site_name].module, self.model)
+            device = execution_device(sites[site_name].module, self.model)
             modules[_key(site_name)] = nn.ModuleList(ivs).to(device)
         for head in heads:
             head.requires_grad_(True)
@@ -724,7 +724,7 @@ def _copy_head(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
             live.copy_(value)
 
 
-def _execution_device(module: nn.Module, model: nn.Module) -> torch.device:
+def execution_device(module: nn.Module, model: nn.Module) -> torch.device:
     """Where `module` runs: accelerate's execution device, else its first real (not meta) tensor's."""
     for m in (module, *module.modules()):
         hook = getattr(m, "_hf_hook", None)

@@ -141,11 +141,11 @@ class CrossEntropy(Objective):
     name = "ce"
 
     def count(self, batch):
-        return _label_count(batch["labels"])
+        return label_count(batch["labels"])
 
     def loss_sum(self, model, rm, batch):
         logits, penalty = _forward(model, rm, batch)
-        return _loss_from_logits(logits, batch["labels"]) + penalty
+        return loss_from_logits(logits, batch["labels"]) + penalty
 
 
 class DPO(Objective):
@@ -236,14 +236,14 @@ def make_objective(name: str = "ce", beta: float = 0.1) -> Objective:
 
 
 # =================================================================== helpers
-def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def logits_of(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return model(**{k: batch[k] for k in _INPUTS if k in batch}).logits
 
 
 def _forward(model: nn.Module, rm: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
     """`(logits, the interventions' penalties from this forward pass, 0 when none)`."""
     _take_penalties(rm)  # drop any left by a forward pass whose loss was not taken
-    logits = _logits(model, batch)
+    logits = logits_of(model, batch)
     return logits, _take_penalties(rm)
 
 
@@ -263,7 +263,7 @@ def _take_penalties(rm: nn.Module) -> Any:
 def _reference_logprobs(rm: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Log-probabilities `[N]` of the labelled responses under the base model (interventions off)."""
     with rm.disabled():
-        return sequence_logprobs(_logits(rm, batch), batch["labels"])
+        return sequence_logprobs(logits_of(rm, batch), batch["labels"])
 
 
 @contextmanager
@@ -296,7 +296,7 @@ def _pair_count(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.tensor(labels.shape[0] // 2, device=labels.device)
 
 
-def _loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed loss: token cross-entropy (t predicts t + 1) for labels `[B, T]`, else per example."""
     if labels.dim() == 2:
         vocab = logits.shape[-1]
@@ -308,7 +308,7 @@ def _loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def _label_count(labels: torch.Tensor) -> torch.Tensor:
+def label_count(labels: torch.Tensor) -> torch.Tensor:
     if labels.dim() == 2:
         return (labels[:, 1:] != IGNORE_INDEX).sum()
     return torch.tensor(labels.shape[0], device=labels.device)

@@ -296,7 +296,7 @@ def parse_recipe(
             raise RecipeError(f"{key}: missing section; a recipe needs model, intervention, data (and train)")
     imports = _coerce(raw.get("imports") or [], list[str], "imports")
     if import_modules:
-        _import_modules(imports, "imports", exclude=import_exclude)  # first: they may register interventions that the checks below accept
+        import_recipe_modules(imports, "imports", exclude=import_exclude)  # first: they may register interventions that the checks below accept
     name = _coerce(raw.get("name", "recipe"), str, "name")
     train = dict(raw.get("train") or {})
     if train.get("output_dir") is None:
@@ -322,7 +322,7 @@ def parse_recipe(
     return recipe
 
 
-def _import_modules(modules: list[str], key: str, exclude: str | os.PathLike | None = None) -> None:
+def import_recipe_modules(modules: list[str], key: str, exclude: str | os.PathLike | None = None) -> None:
     """Import `modules` as `python -m` finds them: the working folder first, then sys.path (so that a
     module beside the recipe's user works under the `reft` console script too). Never a module from
     inside folder `exclude` (an adapter's folder): it is checked before any code of it can run."""
@@ -651,7 +651,7 @@ def head_path(recipe: Recipe, model) -> str | list[str] | None:
     raise RecipeError(f"intervention.head: found no classifier head in {type(model).__name__}; name its module path")
 
 
-def reft_config(recipe: Recipe, model) -> "ReftConfig":
+def reft_config(recipe: Recipe, model):
     """The recipe's adapter as a `ReftConfig` for `model` (sites from `sites`, or `layers` x `component`)."""
     from .config import ReftConfig
     from .sites import find_stacks, hidden_size_of

@@ -41,9 +41,9 @@ from torch import nn
 
 from ._errors import short
 from .data import IGNORE_INDEX, Collator, TokenizedData
-from .evaluate import _eval_mode
+from .evaluate import eval_mode
 from .interventions.base import OrthonormalRows
-from .objectives import OBJECTIVES, _label_count, _logits, _loss_from_logits, make_objective
+from .objectives import OBJECTIVES, label_count, logits_of, loss_from_logits, make_objective
 
 _SCHEDULES = ("linear", "cosine", "constant")
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -236,7 +236,7 @@ class Trainer:
         gradient (the loss does not depend on them).
         """
         cfg = self.config
-        allow = _check_allow_changes(allow_changes)
+        allow = check_allow_changes(allow_changes)
         if self._fitted and resume_from is None:
             raise RuntimeError(
                 "fit() already ran on this Trainer (its optimizer and schedule are spent): build a new Trainer, "
@@ -362,7 +362,7 @@ class Trainer:
             raise ValueError("eval data is empty")
         if self.objective.preference:
             return self._evaluate_preference(data)
-        with _eval_mode(self.rm):
+        with eval_mode(self.rm):
             mine = list(range(self.rank, len(data), self.world))
             routed = isinstance(data[0], Mapping) and "adapter" in data[0]
             names = sorted({str(data[j].get("adapter")) for j in range(len(data))}) if routed else [""]
@@ -373,11 +373,11 @@ class Trainer:
                 for i in range(0, len(group), self.config.batch_size):
                     batch = _to_device(self.collator([data[j] for j in group[i : i + self.config.batch_size]]), self.device)
                     with self._autocast():
-                        logits = _logits(self.rm, batch)
+                        logits = logits_of(self.rm, batch)
                     labels = batch["labels"]
                     kinds.add((labels.dim() == 2, labels.is_floating_point()))
-                    sums[k, 0] += _loss_from_logits(logits, labels).double()
-                    sums[k, 1] += _label_count(labels)
+                    sums[k, 0] += loss_from_logits(logits, labels).double()
+                    sums[k, 1] += label_count(labels)
                     pred, target = _predictions(logits, labels)
                     if not target.is_floating_point():
                         sums[k, 2] += (pred == target).sum()
@@ -408,7 +408,7 @@ class Trainer:
     def _evaluate_preference(self, data: Sequence[Any]) -> dict[str, float]:
         """`eval_loss` (the objective's, per pair) and `eval_preference_accuracy` (the share of pairs
         whose chosen response is likelier than the rejected one under the edited model)."""
-        with _eval_mode(self.rm):
+        with eval_mode(self.rm):
             sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, pairs, chosen likelier
             mine = list(range(self.rank, len(data), self.world))
             for i in range(0, len(mine), self.config.batch_size):
@@ -507,11 +507,11 @@ class Trainer:
             dist.barrier()  # a resumed job then finds the checkpoint on every process
 
     def _checkpoint_to_resume(self, resume_from) -> str | None:
-        from .checkpoint import _checkpoints, latest_checkpoint
+        from .checkpoint import checkpoints, latest_checkpoint
 
         output_dir = self.config.output_dir
         if resume_from is None:
-            found = _checkpoints(output_dir) if output_dir is not None else []
+            found = checkpoints(output_dir) if output_dir is not None else []
             if found:
                 names = [Path(path).name for _, path in found]
                 raise ValueError(
@@ -529,9 +529,9 @@ class Trainer:
 
     def _load(self, path: str, allow: set[str]) -> dict:
         """Check that the checkpoint at `path` continues this run, then restore it; returns its state."""
-        from .checkpoint import _read_training_state, load_training_checkpoint
+        from .checkpoint import read_training_state, load_training_checkpoint
 
-        state = _read_training_state(path)
+        state = read_training_state(path)
         saved = state.get("config") if isinstance(state.get("config"), dict) else {}  # older checkpoints: none
         self._check_resume(path, state, saved, allow)
         process_rng = _checked_process_rng(state.get("process_rng"), self.rank, self.world, path)
@@ -726,9 +726,9 @@ def _context_length(config: Any) -> int | None:
 def _device_of(rm: nn.Module) -> torch.device:
     """Where batches go: the base model's execution device (accelerate's, when it dispatched the model;
     its offloaded weights are on `meta`), else its first real parameter's."""
-    from .model import _execution_device
+    from .model import execution_device
 
-    return _execution_device(rm.model, rm.model)
+    return execution_device(rm.model, rm.model)
 
 
 def _init_distributed(rm: nn.Module) -> tuple[int, int]:
@@ -828,7 +828,7 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def _check_allow_changes(allow_changes: Sequence[str]) -> set[str]:
+def check_allow_changes(allow_changes: Sequence[str]) -> set[str]:
     if isinstance(allow_changes, str):
         allow_changes = [allow_changes]
     bad = [k for k in allow_changes if k not in _CHANGEABLE]
@@ -928,10 +928,10 @@ def _progress(total: int, initial: int, disable: bool):
 
 def _write_log(path: Path, records: list[dict]) -> None:
     """Rewrite log.jsonl with `records` (atomically), e.g. after resuming from a checkpoint."""
-    from .checkpoint import _write_file
+    from .checkpoint import write_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_file(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+    write_file(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -60,7 +60,7 @@ def _lm_adapter(seed: int = 1, **kw) -> reft.IntervenableModel:
     return rm.eval()
 
 
-def _logits(rm, batch) -> torch.Tensor:
+def logits_of(rm, batch) -> torch.Tensor:
     with torch.no_grad():
         return rm(**batch).logits
 
@@ -98,13 +98,13 @@ def test_round_trip_every_intervention_exact(tmp_path, name, tied):
     _perturb(rm)
     rm.eval()
     batch = _batch()
-    before = _logits(rm, batch)
+    before = logits_of(rm, batch)
     with rm.disabled():
-        assert not torch.equal(before, _logits(rm, batch))  # the adapter does something
+        assert not torch.equal(before, logits_of(rm, batch))  # the adapter does something
     rm.save_pretrained(tmp_path / "adapter")
 
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "adapter")
-    assert torch.equal(_logits(loaded, batch), before)
+    assert torch.equal(logits_of(loaded, batch), before)
     assert loaded.site_positions() == rm.site_positions() == {"layers.1.block_output": ("f2+l1", tied)}
     site = "layers.1.block_output"
     for a, b in zip(rm.interventions_of()[site], loaded.interventions_of()[site]):
@@ -130,7 +130,7 @@ def test_round_trip_sites_positions_and_dtypes(tmp_path):
     batch = _batch("right")
     rm.save_pretrained(tmp_path / "a")
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm("gpt2"), tmp_path / "a", device="cpu")
-    assert torch.equal(_logits(loaded, batch), _logits(rm, batch))
+    assert torch.equal(logits_of(loaded, batch), logits_of(rm, batch))
     assert loaded.site_positions() == rm.site_positions()
     assert loaded["layers.0.block_output"].W.weight.dtype == torch.bfloat16
     prefix, suffix = loaded["layers.1.attention_output"]
@@ -157,7 +157,7 @@ def test_round_trip_with_head(tmp_path, arch):
     assert not torch.equal(fresh.classifier.state_dict()[next(iter(fresh.classifier.state_dict()))],
                            rm.model.classifier.state_dict()[next(iter(rm.model.classifier.state_dict()))])
     loaded = reft.IntervenableModel.from_pretrained(fresh, tmp_path / "a")
-    assert torch.equal(_logits(loaded, batch), _logits(rm, batch))
+    assert torch.equal(logits_of(loaded, batch), logits_of(rm, batch))
     for (n, a), (_, b) in zip(rm.model.classifier.named_parameters(), loaded.model.classifier.named_parameters()):
         assert torch.equal(a, b), n
         assert b.requires_grad
@@ -370,7 +370,7 @@ def test_overwrite_replaces_whole_adapter(tmp_path, monkeypatch):
         second = _lm_adapter(seed=2)
         second.save_pretrained(target)
         loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
-        assert torch.equal(_logits(loaded, batch), _logits(second, batch))
+        assert torch.equal(logits_of(loaded, batch), logits_of(second, batch))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aFalse", "aTrue"]  # no temporary folders left
 
 
@@ -390,7 +390,7 @@ def test_exception_between_writing_and_renaming_keeps_previous(tmp_path, monkeyp
     assert _files(target) == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # the temporary folder is cleaned up
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
-    assert torch.equal(_logits(loaded, _batch()), _logits(first, _batch()))
+    assert torch.equal(logits_of(loaded, _batch()), logits_of(first, _batch()))
 
 
 def test_process_killed_mid_save_keeps_previous(tmp_path):
@@ -425,7 +425,7 @@ _lm_adapter(seed=2).save_pretrained({str(target)!r})
     assert leftover.parent == tmp_path and leftover.name.startswith(".a.tmp-")
     assert _files(target) == before
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
-    assert torch.equal(_logits(loaded, _batch()), _logits(first, _batch()))
+    assert torch.equal(logits_of(loaded, _batch()), logits_of(first, _batch()))
     # the stale temporary folder does not stop the next save, which removes it (its process is dead)
     live = tmp_path / f".a.tmp-{os.getpid()}-live"  # a save in progress in a live process is left alone
     live.mkdir()
@@ -433,7 +433,7 @@ _lm_adapter(seed=2).save_pretrained({str(target)!r})
     third.save_pretrained(target)
     assert not leftover.exists() and live.is_dir()
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), target)
-    assert torch.equal(_logits(loaded, _batch()), _logits(third, _batch()))
+    assert torch.equal(logits_of(loaded, _batch()), logits_of(third, _batch()))
 
 
 def test_save_onto_a_file_is_refused(tmp_path):
@@ -450,7 +450,7 @@ def test_save_through_a_symlink_keeps_the_link(tmp_path):
     second.save_pretrained(tmp_path / "link")
     assert (tmp_path / "link").is_symlink()
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "real")
-    assert torch.equal(_logits(loaded, _batch()), _logits(second, _batch()))
+    assert torch.equal(logits_of(loaded, _batch()), logits_of(second, _batch()))
 
 
 # ------------------------------------------------------ training checkpoints
@@ -592,7 +592,7 @@ def test_load_onto_cuda(tmp_path):
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "a", device="cuda")
     assert all(p.device.type == "cuda" for p in loaded.parameters())
     batch = {k: v.cuda() for k, v in _batch().items()}
-    torch.testing.assert_close(_logits(loaded, batch).cpu(), _logits(rm, _batch()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits_of(loaded, batch).cpu(), logits_of(rm, _batch()), rtol=1e-4, atol=1e-4)
 
 
 def _smollm2():
@@ -614,7 +614,7 @@ def test_smollm2_adapter_round_trip_and_size(tmp_path):
     assert sum(p.stat().st_size for p in (tmp_path / "a").iterdir()) < 50_000
     batch = tok(["Hello there, how are you today?", "Hi"], return_tensors="pt", padding=True)
     loaded = reft.IntervenableModel.from_pretrained(_smollm2()[0], tmp_path / "a")
-    assert torch.equal(_logits(loaded, batch), _logits(rm, batch))
+    assert torch.equal(logits_of(loaded, batch), logits_of(rm, batch))
 
 
 def test_docs_examples_run(tmp_path, monkeypatch):
@@ -684,7 +684,7 @@ def test_save_keeps_this_librarys_entries_it_does_not_rewrite(tmp_path, monkeypa
     second.save_pretrained(out)
     assert {k: v[:3] for k, v in disk.snapshot(out).items() if not k.startswith("adapter_")} == {k: v[:3] for k, v in kept.items()}
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), out)
-    assert torch.equal(_logits(loaded, _batch()), _logits(second, _batch()))
+    assert torch.equal(logits_of(loaded, _batch()), logits_of(second, _batch()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or .old folder left
 
 
@@ -705,7 +705,7 @@ def test_saved_folders_and_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         _lm_adapter().save_pretrained(tmp_path / "a")
-        ck._write_file(tmp_path / "a" / "recipe.yaml", b"name: x\n")
+        ck.write_file(tmp_path / "a" / "recipe.yaml", b"name: x\n")
     finally:
         os.umask(old)
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o777 & ~umask
@@ -735,7 +735,7 @@ def test_two_writers_creating_the_same_folder_both_succeed(tmp_path):
     assert errors == []
     for k in (0, 59):
         loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / f"a{k}")
-        assert torch.equal(_logits(loaded, _batch()), _logits(rm, _batch()))
+        assert torch.equal(logits_of(loaded, _batch()), logits_of(rm, _batch()))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"a{k}" for k in range(60))
 
 

@@ -4,7 +4,10 @@
 text, captures the hidden states at the detecting intervention's site with a temporary forward hook
 (removed by its handle; the forward pass stops there), computes the intervention's `latent(h)` per
 token and takes the maximum over the text's real tokens, as AxBench's `max_act` (stanfordnlp/axbench
-`Model.predict_latent`): padding and the tokenizer's leading special tokens (BOS) are left out.
+`Model.predict_latent`): padding and the leading BOS token are left out. Each text starts with BOS,
+as AxBench's inputs do; it is prepended when the tokenizer adds no special token of its own but has
+a BOS token (SmolLM2): the first token of a sequence is an attention sink whose hidden state can be
+a hundred times larger than the others', and it must not be a word of the text.
 `reft.evaluate.auroc(scores, labels)` then scores the detector.
 
     >>> scores = detection_scores(rm, tokenizer, ["The tide rolled in.", "I filed my taxes."])
@@ -35,8 +38,8 @@ def token_latents(
 
     Args:
         rm: a wrapped model with an intervention that has a `latent(h)` method (e.g. `reft.ReFTr1`).
-        tokenizer: its tokenizer; each text is tokenized alone, as plain text with the tokenizer's
-            special tokens (as AxBench does), and the leading ones (BOS) are left out.
+        tokenizer: its tokenizer; each text is tokenized alone, as plain text after BOS (see the
+            module docstring), which is left out.
         texts: the texts to read.
         site: the detecting intervention's site; None: the one site whose intervention has `latent`.
         batch_size: texts per forward pass.
@@ -50,8 +53,10 @@ def token_latents(
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     site, intervention = _detector(rm, site)
-    skip = len(leading_special_tokens(tokenizer))
-    encoded = [tokenizer(t)["input_ids"] for t in texts]
+    lead = leading_special_tokens(tokenizer)
+    bos = [] if lead or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    skip = len(lead) + len(bos)
+    encoded = [bos + tokenizer(t)["input_ids"] for t in texts]
     empty = next((i for i, ids in enumerate(encoded) if len(ids) <= skip), None)
     if empty is not None:
         raise ValueError(f"text {empty} ({texts[empty]!r:.80}) has no tokens besides the tokenizer's special ones")

@@ -418,17 +418,20 @@ def reft_r1_reference(h: list[list[float]], v: list[float], k: int) -> tuple[lis
 
 
 @settings(max_examples=25, deadline=None)
-@given(T=st.integers(1, 9), k=st.integers(1, 5), seed=st.integers(0, 999))
-def test_reft_r1_latent_and_edit_match_the_paper(T, k, seed):
+@given(T=st.integers(1, 9), k=st.integers(1, 5), exclude_first=st.booleans(), seed=st.integers(0, 999))
+def test_reft_r1_latent_and_edit_match_the_paper(T, k, exclude_first, seed):
     torch.manual_seed(seed)
-    iv = reft.ReFTr1(6, k=k, dtype=torch.float64)
+    iv = reft.ReFTr1(6, k=k, exclude_first=exclude_first, dtype=torch.float64)
     h = torch.randn(3, T, 6, dtype=torch.float64)
     v = (iv.w / iv.w.norm()).tolist()
     out, latents = iv(h), iv.latent(h)
+    skip = 1 if exclude_first and T > 1 else 0  # AxBench leaves the first token (BOS) out; one token is kept
     for b in range(3):
-        z, edited = reft_r1_reference(h[b].tolist(), v, k)
+        rows = h[b].tolist()
+        z, _ = reft_r1_reference(rows, v, k)
         torch.testing.assert_close(latents[b], torch.tensor(z, dtype=torch.float64))
-        torch.testing.assert_close(out[b], torch.tensor(edited, dtype=torch.float64))
+        _, edited = reft_r1_reference(rows[skip:], v, k)
+        torch.testing.assert_close(out[b], torch.tensor(rows[:skip] + edited, dtype=torch.float64))
 
 
 def test_reft_r1_direction_has_unit_norm_whatever_w_is():
@@ -444,13 +447,13 @@ def test_reft_r1_direction_has_unit_norm_whatever_w_is():
 def test_reft_r1_penalty_is_l1_of_the_latents_outside_the_top_k_in_training_only():
     torch.manual_seed(0)
     iv = reft.ReFTr1(8, k=2, l1=0.5)
-    h = torch.randn(2, 5, 8)
+    h = torch.randn(2, 6, 8)
     iv.eval()
     iv(h)
     assert iv.penalty is None
     iv.train()
     iv(h)
-    z = iv.latent(h).detach()
+    z = iv.latent(h[:, 1:]).detach()  # the first token is left out
     expected = 0.5 * sum(sum(sorted(row, reverse=True)[2:]) for row in z.tolist())  # each sequence's top 2 are free
     torch.testing.assert_close(iv.penalty.detach(), torch.tensor(expected))
     no_l1 = reft.ReFTr1(8, k=2).train()
@@ -469,7 +472,11 @@ def test_reft_r1_has_hidden_size_parameters_rebuilds_by_name_and_keeps_dtype():
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(k=0), "k .* must be an int >= 1, got 0"), (dict(l1=-1.0), "l1 .* must be a number >= 0, got -1.0")],
+    [
+        (dict(k=0), "k .* must be an int >= 1, got 0"),
+        (dict(l1=-1.0), "l1 .* must be a number >= 0, got -1.0"),
+        (dict(exclude_first=1), "exclude_first must be a bool, got 1"),
+    ],
 )
 def test_reft_r1_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

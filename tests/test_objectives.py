@@ -160,7 +160,7 @@ def test_cross_entropy_adds_the_reft_r1_l1_penalty():
     handle = iv.register_forward_hook(lambda m, args, out: captured.setdefault("h", args[0].detach()))
     rm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
-    z = iv.latent(captured["h"]).detach()  # [B, T]: every position, padding included
+    z = iv.latent(captured["h"][:, 1:]).detach()  # [B, T - 1]: every position but the first, padding included
     expected = 0.25 * sum(sum(sorted(row, reverse=True)[2:]) for row in z.tolist())
     torch.testing.assert_close((total - plain).detach(), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     assert iv.penalty is None  # taken by the objective

@@ -318,3 +318,24 @@ def test_the_docs_examples_run(monkeypatch, tmp_path):
     for block in blocks:
         exec(compile(block, "docs/multi_adapter.md", "exec"), namespace)
     assert namespace["served"].adapter_names == ["pirate", "caps"]
+
+
+def test_bad_wrapper_inputs_are_clear_errors():
+    model = tiny.causal_lm()
+    ids, mask = tiny.padded_batch([5, 3])
+    iv = reft.RED(tiny.HIDDEN)
+    with pytest.raises(ValueError, match=r"sites 'layers.0.block_output' and 'layers.1.block_output' hold the same RED object"):
+        reft.IntervenableModel(model, {"layers.0.block_output": iv, "layers.1.block_output": iv})
+    with pytest.raises(ValueError, match=r"sites 'layers.0.block_output' and 'model.layers.0' name the same module"):
+        reft.IntervenableModel(model, {"layers.0.block_output": reft.RED(tiny.HIDDEN), "model.layers.0": reft.RED(tiny.HIDDEN)})
+    with pytest.raises(ValueError, match=r"head 'model.embed_tokens' holds the model's input embeddings"):
+        reft.IntervenableModel(model, {"layers.0.block_output": reft.RED(tiny.HIDDEN)}, head="model.embed_tokens")
+    rm = reft.IntervenableModel(model, {"layers.0.block_output": reft.RED(tiny.HIDDEN)}, positions="l1")
+    for bad in (mask.bool(), mask.to(torch.uint8)):
+        with pytest.raises(ValueError, match=r"positions must be an integer tensor .*a bool or uint8 tensor is a mask"):
+            rm(input_ids=ids, attention_mask=mask, positions=bad)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 5\), but the inputs are \[batch, seq\] = \(2, 5\)"):
+        rm(input_ids=ids, attention_mask=mask[:1])
+    rm.remove()
+    with pytest.raises(ValueError, match=r"rm was remove\(\)d"):
+        reft.Trainer(rm, reft.TrainConfig(), build_generation_data(tiny_text.tokenizer(), _pairs(2)))

@@ -20,11 +20,11 @@ Times are CPU time of this process (`time.process_time`, one intra-op thread) on
 beside them), and synchronized wall-clock time on CUDA. The model's 64 adapters are built once; a
 call routes to the first K, so every K runs with the same adapters loaded.
 
-Defaults (SmolLM2, one thread: about 6 minutes of CPU time): 8 rows (16 at K = 16, 64 at K = 64),
-16 tokens per row (f7+l7 then edits 14 of them: the interventions' share of the work is near its
-largest, so the mixed/one ratios are upper bounds), 16 prompt tokens and 16 new tokens for
-generation, 3 repetitions after one warm-up call. Longer rows or more of them cost proportionally
-more time: K = 64 alone is half of the run.
+Defaults (SmolLM2, one thread: about 10 minutes of CPU time, K = 64 half of it): 8 rows (16 at
+K = 16, 64 at K = 64), 32 tokens per row (f7+l7 edits 14 of them), 32 prompt tokens and 16 new tokens
+for generation, 3 repetitions after one warm-up call. Mixing adapters costs a fixed amount per edited
+position and row, so shorter rows raise the mixed/one ratios (`--tokens 16`: 14 of 16 tokens edited,
+near the worst case) and longer ones lower them.
 
     python bench/adapters.py                          # SmolLM2, K = 1 4 16 64
     python bench/adapters.py --model tiny --ks 1 4 --reps 1
@@ -45,7 +45,7 @@ import workloads as w  # noqa: E402
 
 KS = (1, 4, 16, 64)
 RANK, POSITIONS = 8, "f7+l7"
-ROWS, TOKENS, NEW, REPS = 8, 16, 16, 3
+ROWS, TOKENS, NEW, REPS = 8, 32, 16, 3
 TARGET_K, TARGET = 16, 1.10  # mixed / one adapter, train step and forward, at K = 16
 
 

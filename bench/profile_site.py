@@ -5,12 +5,15 @@ LLaMA's selected f5+l5 positions, SmolLM2's f7+l7 and all positions) it times, i
 (median CPU time of interleaved calls, one thread):
 - `qr`: R's orthonormalisation (`OrthonormalRows`, a QR) forward + backward;
 - `loreft`: the whole LoReFT forward + backward on the gathered positions (`qr` included);
-- `apply_at`: `reft.model._apply_at` with an intervention that costs almost nothing (gather, mask,
+- `apply_at`: `reft._edit.apply_at` with an intervention that costs almost nothing (gather, mask,
   scatter-add back, and their backward), i.e. the index plumbing around an intervention;
 - `red_all`: RED on every position;
 - `resolve`: turning a position spec into index tensors (once per forward call, not per site);
 - `adamw`: one AdamW step over the parameters of 4 LoReFT sites (12 tensors) vs one vector, for
-  the default (for-loop) and `fused=True` implementations.
+  the default (for-loop) and `fused=True` implementations;
+- `mixed`: one LoReFT site of a mixed batch (K adapters stacked, each row through its own, as
+  `reft._edit` runs them) vs the same rows through one adapter, forward + backward and forward
+  alone, at SmolLM2's shape with f7+l7 (what `bench/adapters.py` adds per site).
 
     python bench/profile_site.py
 """
@@ -43,7 +46,7 @@ def median_us(calls: dict, n: int = 400) -> dict[str, float]:
 
 def site(B: int, T: int, d: int, rank: int, spec: str) -> dict:
     import reft
-    from reft.model import _apply_at
+    from reft._edit import apply_at as _apply_at
     from reft.positions import PositionSpec, resolve
 
     torch.manual_seed(0)
@@ -92,6 +95,40 @@ def adamw() -> dict:
     return median_us({k: o.step for k, o in opts.items()})
 
 
+def mixed(K: int, B: int, T: int, d: int = 576, rank: int = 8) -> dict:
+    """One site, f7+l7: K stacked LoReFTs (row i through unit i % K) vs one LoReFT for every row, in µs."""
+    import reft
+    from reft._edit import Unit, _stacked, apply_at
+
+    torch.manual_seed(0)
+    units = [Unit(f"a{k}", None, None, "both", reft.LoReFT(d, rank=rank)) for k in range(K)]
+    slot = torch.arange(B) % K
+    h0 = torch.randn(B, T, d, requires_grad=True)
+    index = torch.cat([torch.arange(7).expand(B, 7), torch.arange(T - 7, T).expand(B, 7)], 1)
+    one = units[0].intervention
+
+    def backward(fn):
+        return lambda: apply_at(fn, h0 * 1.0, index).sum().backward()
+
+    def forward(make):  # the stacked weights are built inside no_grad too, as in a forward-only call
+        def call():
+            with torch.no_grad():
+                apply_at(make(), h0 * 1.0, index)
+
+        return call
+
+    us = median_us({
+        "base": lambda: (h0 * 1.0).sum().backward(),
+        "one": backward(one),
+        "mixed": lambda: apply_at(_stacked(units, slot), h0 * 1.0, index).sum().backward(),
+        "base_forward": lambda: h0 * 1.0,
+        "one_forward": forward(lambda: one),
+        "mixed_forward": forward(lambda: _stacked(units, slot)),
+    }, n=100)
+    above = {k: round(us[k] - us["base_forward" if k.endswith("forward") else "base"], 1) for k in us if not k.startswith("base")}
+    return {"K": K, "shape": [B, T, d], "rank": rank, "positions": "f7+l7", "us": above}
+
+
 def main() -> None:
     w.set_threads()
     w.emit(
@@ -99,6 +136,7 @@ def main() -> None:
             "bench": "profile_site",
             "sites": [site(4, 32, 256, 4, "f5+l5"), site(4, 64, 576, 8, "f7+l7"), site(4, 64, 576, 8, "all")],
             "adamw_us": adamw(),
+            "mixed": [mixed(16, 16, 32), mixed(64, 64, 32)],
         }
     )
 

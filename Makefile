@@ -13,7 +13,9 @@ $(PY):
 # torch first, pinned: the CPU build on disk; an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,quant]'
+	$(PIP) install -q -e '.[test]'
+	# torchao beside site-packages, for tests/test_quantized.py's own process: transformers imports it in every process that finds it
+	$(PIP) install -q --no-deps --target $(VENV)/torchao-only 'torchao>=0.10'
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,6 +6,12 @@ The reference for a quantized base is the same model with its int8 weights dequa
 float32 tensors: the quantized model must edit, backpropagate and train exactly like it.
 """
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,6 +44,10 @@ def _quanto(model):
 
 
 QUANTIZERS = {"torchao": ("torchao", _torchao), "quanto": ("optimum.quanto", _quanto)}
+# `make test` installs torchao here, outside site-packages: transformers imports torchao in every process
+# that can find it (seconds per process, and warnings about its CUDA libraries on stderr, which the
+# notebook tests count), so only the process of the torchao test below sees it.
+TORCHAO = Path(sys.prefix) / "torchao-only"
 
 
 def _dequantized(quantized):
@@ -63,7 +73,9 @@ def _wrap(model):
 @pytest.mark.parametrize("kind", list(QUANTIZERS))
 def test_int8_base_edits_and_trains_like_its_dequantized_weights(kind, tmp_path):
     module, quantize = QUANTIZERS[kind]
-    pytest.importorskip(module, reason=f"the quant extra: pip install '.[quant]' ({module})")
+    if kind == "torchao" and importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is kept out of the test process (see TORCHAO): the next test runs this case in its own")
+    pytest.importorskip(module, reason=f"the test extra installs {module}")
     quantized = quantize(tiny.causal_lm(initializer_range=0.2))
     assert type(quantized.model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"  # really int8 tensors
     ref = _dequantized(quantized)
@@ -99,6 +111,20 @@ def test_int8_base_edits_and_trains_like_its_dequantized_weights(kind, tmp_path)
     loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(), tmp_path / "adapter")
     for x, y in zip(loaded.trainable_parameters(), rq.trainable_parameters()):
         assert torch.equal(x, y)
+
+
+def test_torchao_int8_base_in_a_process_of_its_own():
+    """The torchao case of the test above, in a pytest process that finds torchao (see TORCHAO)."""
+    if importlib.util.find_spec("torchao") is not None:
+        pytest.skip("torchao is importable here: the test above runs it in this process")
+    if not (TORCHAO / "torchao").is_dir():
+        pytest.skip(f"torchao is not installed: make test puts it in {TORCHAO} (pip install --target {TORCHAO} torchao)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(TORCHAO), str(root)])}
+    test = f"{Path(__file__).relative_to(root)}::test_int8_base_edits_and_trains_like_its_dequantized_weights[torchao]"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-2000:]
 
 
 def test_fp16_precision_trains_fp32_interventions_on_an_fp16_base():

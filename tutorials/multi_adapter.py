@@ -165,9 +165,9 @@ def main() -> None:
     with torch.no_grad():
         alone = rm.generate(**row, **options)[0, P:]
         gap = (rm(**row).logits[0] - rm(**batch, adapter_names=route).logits[k]).abs().max().item()
-    together = out[k, P:]
-    same = int((alone == together).long().cumprod(0).sum())
-    print(f"row {k} ({route[k]}) alone: prompt logits within {gap:.0e} of the mixed batch's, the same first {same} of {len(alone)} new tokens")
+    n = min(len(alone), out.shape[1] - P)  # alone stops at its EOS; the batch pads rows that stopped
+    same = int((alone[:n] == out[k, P : P + n]).long().cumprod(0).sum())
+    print(f"row {k} ({route[k]}) alone: prompt logits within {gap:.0e} of the mixed batch's, the same first {same} of {n} new tokens")
     print(f"{time.perf_counter() - started:.0f} s in all ({time.process_time() - cpu_started:.0f} s of CPU)")
 
 

@@ -8,7 +8,7 @@ examples. Then a single `rm.generate` call answers held-out questions with every
 none, each row routed by `adapter_names=`; and one row run alone is compared with its row of the
 mixed batch.
 
-    python tutorials/multi_adapter.py          # a few minutes on 2 CPU cores
+    python tutorials/multi_adapter.py          # about 7 minutes of CPU time (one thread)
     python tutorials/multi_adapter.py --tiny   # a random 2-layer model with SmolLM2's tokenizer (CI)
 """
 

@@ -23,7 +23,7 @@ def run(*args: str, timeout: int = 300) -> str:
 
 
 def test_every_tutorial_is_tested():
-    tested = {"quickstart", "sentiment", "custom_intervention", "generation", "distributed"}
+    tested = {"quickstart", "sentiment", "custom_intervention", "generation", "distributed", "preference", "concept_detection"}
     assert {p.stem for p in TUTORIALS.glob("*.py")} == tested
 
 
@@ -66,6 +66,19 @@ def test_distributed_under_torchrun(tmp_path):
               "--output", str(tmp_path / "adapter"))
     assert "rank 0 of 2" in out and "rank 1 of 2" in out
     assert "world size 2: held-out accuracy" in out
+
+
+def test_preference():
+    out = run(str(TUTORIALS / "preference.py"), "--tiny")
+    assert "train: TokenizedData(preference: 4 examples" in out
+    assert "| base model           |" in out and "| + LoReFT, DPO        |" in out
+    assert "dpo: 2 steps in" in out and "Q: " in out
+
+
+def test_concept_detection():
+    out = run(str(TUTORIALS / "concept_detection.py"), "--tiny")
+    assert "| random (before training)  |" in out and "| ReFT-r1 (trained)         |" in out
+    assert "top tokens:" in out
 
 
 def test_readme_training_example_runs(monkeypatch, tmp_path, capsys):

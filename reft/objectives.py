@@ -10,7 +10,7 @@ total count, so gradient accumulation and many processes equal one large batch.
   (prompt, chosen, rejected) pair (count: pairs). The reference model is the frozen base model with
   the interventions disabled (`rm.disabled()`): no second copy of the weights.
 - `"reps"` (`RePS`): reference-free bidirectional preference steering (Wu, Yu et al., 2025,
-  "Improved Representation Steering for Language Models", arXiv 2505.20809, §3) per pair.
+  "Improved Representation Steering for Language Models", arXiv 2505.20809) per pair.
 
 Preference batches (`reft.data.build_preference_data` and `reft.data.Collator`) hold `2B` rows: the
 B chosen responses, then the B rejected ones, in the same order. A log-probability of a response is
@@ -77,7 +77,7 @@ def reps_loss(
     chosen_length: torch.Tensor,
     rejected_length: torch.Tensor,
 ) -> torch.Tensor:
-    """RePS per pair (arXiv 2505.20809, §3), from response log-probabilities `[B]`.
+    """RePS per pair (arXiv 2505.20809), from response log-probabilities `[B]`.
 
     With y^c the chosen (steered) response, y the rejected (original) one, `plus_*` under the edit,
     `minus_*` under the negated edit and `reference_*` under the base model (no gradient):
@@ -87,6 +87,10 @@ def reps_loss(
         loss = −log σ(Δ⁺) − log σ(Δ⁻)
 
     "Reference-free": the base model only sets the weights β, it is not subtracted as in DPO.
+    Sources: the paper's definitions of Δ⁺, Δ⁻ and β± (arXiv 2505.20809, as summarised at
+    themoonlight.io), and AxBench's preference trainer, whose `scaled_simpo` loss is `−log σ(Δ⁺)`
+    with the same β⁺ and summed (not averaged) log-probabilities from `_get_batch_logps`; its
+    negative pair swaps the responses and negates the steering factor.
     """
     beta_plus = torch.clamp(reference_rejected - reference_chosen, min=1.0).detach()
     beta_minus = torch.clamp(reference_chosen - reference_rejected, min=1.0).detach()

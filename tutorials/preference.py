@@ -8,6 +8,11 @@ The script prints the held-out preference accuracy (the share of the 20 other pa
 answer the model finds likelier than the rejected one) of the base model and after training, and
 the greedy answers of both to a few held-out questions.
 
+The base model prefers the plain answer by about 49 nats on average, and DPO moves the margin
+relative to the base model: its loss `−log σ(β Δ)` stops pushing once `β Δ` is a few units. With
+the usual β = 0.1 that is at Δ ≈ 50, about the base gap, and 12 of the 20 held-out pairs flipped
+(measured, 2 epochs); β = 0.05 (the default here) flipped 19 and β = 0.02 all 20.
+
     python tutorials/preference.py                   # DPO: a few minutes on 2 CPU cores
     python tutorials/preference.py --objective reps  # RePS, the reference-free bidirectional loss
     python tutorials/preference.py --tiny            # a random 2-layer model, 2 steps (CI)
@@ -112,7 +117,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=15, help="the layer whose output LoReFT edits (SmolLM2 has 30)")
     parser.add_argument("--epochs", type=float, default=2, help="passes over the 44 training pairs")
     parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO's beta")
+    parser.add_argument("--beta", type=float, default=0.05, help="DPO's beta (see above)")
     args = parser.parse_args()
     started = time.perf_counter()
 

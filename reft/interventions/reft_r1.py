@@ -6,7 +6,7 @@ from .base import Intervention, as_dtype, register_intervention
 
 @register_intervention("reft_r1")
 class ReFTr1(Intervention):
-    """ReFT-r1 (AxBench: Wu, Arora et al., 2025, §3): one direction that detects a concept and steers with it.
+    """ReFT-r1 (AxBench: Wu, Arora et al., 2025, arXiv 2501.17148): one direction that detects and steers a concept.
 
     With `v = w / ‖w‖` (a unit vector, `[hidden_size]`) and the tokens `h_1..h_T` the site edits:
 
@@ -70,10 +70,10 @@ class ReFTr1(Intervention):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.exclude_first and h.shape[-2] > 1:
-            return torch.cat([h[..., :1, :], self.forward_all(h[..., 1:, :])], dim=-2)
-        return self.forward_all(h)
+            return torch.cat([h[..., :1, :], self._steer(h[..., 1:, :])], dim=-2)
+        return self._steer(h)
 
-    def forward_all(self, h: torch.Tensor) -> torch.Tensor:
+    def _steer(self, h: torch.Tensor) -> torch.Tensor:
         """The edit over every token of dimension -2 (no token left out)."""
         x = h.to(self.w.dtype)  # [..., T, d]
         v = self.direction()  # [d]

@@ -153,7 +153,7 @@ def _run(units: list[Unit], h: torch.Tensor, call: Call, index_of) -> torch.Tens
         for u in units:
             h = _apply(u.intervention, h, index_of(u), u.max_norm)
         return h
-    route = _route(call, h.shape[0])
+    route = _route(call, h.shape[0], h.device)
     groups: dict[tuple, list[Unit]] = {}
     for u in units:
         groups.setdefault(u.group_key, []).append(u)
@@ -234,22 +234,25 @@ def _pick(indices: list[torch.Tensor | None], slot: torch.Tensor) -> torch.Tenso
     return stacked[slot.clamp(min=0), torch.arange(B, device=stacked.device)]
 
 
-def _route(call: Call, B: int) -> torch.Tensor:
-    """The call's route for a batch of `B` rows (beams and returned sequences repeat each prompt's)."""
-    route = call.route
-    if route.shape[0] == B:
-        return route
-    key = ("route", B)
+def _route(call: Call, B: int, device: torch.device) -> torch.Tensor:
+    """The call's route for a batch of `B` rows (beams and returned sequences repeat each prompt's),
+    on `device` (the hidden states'; a model split over devices has sites on several)."""
+    if call.route.shape[0] == B and call.route.device == device:
+        return call.route
+    key = ("route", B, device)
     if key not in call.cache:
-        if B % route.shape[0]:
-            raise ValueError(f"batch {B} is not a multiple of the {route.shape[0]} rows adapter_names routes")
-        call.cache[key] = route.repeat_interleave(B // route.shape[0])
+        route = call.route
+        if route.shape[0] != B:
+            if B % route.shape[0]:
+                raise ValueError(f"batch {B} is not a multiple of the {route.shape[0]} rows adapter_names routes")
+            route = route.repeat_interleave(B // route.shape[0])
+        call.cache[key] = route.to(device)
     return call.cache[key]
 
 
 def _slots(call: Call, group: list[Unit], route: torch.Tensor) -> torch.Tensor:
     """`[B]`: for each row, the position in `group` of its adapter's unit, or -1."""
-    key = ("slots", tuple(u.adapter for u in group), route.shape[0])
+    key = ("slots", tuple(u.adapter for u in group), route.shape[0], route.device)
     if key not in call.cache:
         lookup = [-1] * (len(call.adapters) + 1)  # lookup[k + 1]: slot of adapter k; lookup[0]: no adapter
         for s, u in enumerate(group):
@@ -272,9 +275,9 @@ def _index(u: Unit, h: torch.Tensor, call: Call) -> torch.Tensor | None:
     if u.part == "all":
         return None
     B, T = h.shape[:2]
-    key = (u.spec, u.part, u.site.stack, B, T)
-    if key in call.cache:
-        return call.cache[key]
+    key = (u.spec, u.part, u.site.stack, h.device)  # no sizes in a key: under torch.compile hashing one fixes it
+    if key in call.cache and call.cache[key][1] == (B, T):
+        return call.cache[key][0]
     mask = call.masks.get(u.site.stack)
     if mask is None:
         mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
@@ -283,7 +286,8 @@ def _index(u: Unit, h: torch.Tensor, call: Call) -> torch.Tensor | None:
             f"site {u.site.name!r}: the mask has shape {tuple(mask.shape)} but the hidden states "
             f"are [batch, seq] = ({B}, {T})"
         )
-    index = call.cache[key] = _indices(u.spec, u.part, mask.to(h.device))
+    index = _indices(u.spec, u.part, mask.to(h.device))
+    call.cache[key] = (index, (B, T))
     return index
 
 
@@ -291,7 +295,7 @@ def _prompt_index(u: Unit, prompt: torch.Tensor, call: Call, generation: Generat
     """`[B * beams, P]` positions of `u` within `prompt` (the prompt's columns from `start`)."""
     B, T = prompt.shape[:2]
     start = generation.start
-    key = ("prompt", u.spec, u.part, u.site.stack, B, start, T)
+    key = ("prompt", u.spec, u.part, u.site.stack, B, start, T, prompt.device)
     if key in call.cache:
         return call.cache[key]
     mask = call.masks[u.site.stack].to(prompt.device)  # [B0, P] prompt mask

@@ -106,7 +106,8 @@ class IntervenableModel(nn.Module):
         self._active = True
         self._hooks_live = True
         self._checkpoint_layers: list[nn.Module] = []  # layers whose checkpointing function we wrapped
-        self._checkpointable: list[nn.Module] | None = None
+        # modules that can checkpoint: found once here (not in the first call: torch.compile would recompile)
+        self._checkpointable = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         self._step_handle = model.register_forward_pre_hook(lambda m, a, kw: self._step(a, kw), with_kwargs=True)
         _WRAPPERS[model] = weakref.ref(self)
         try:
@@ -422,8 +423,6 @@ class IntervenableModel(nn.Module):
         (masks, positions, routing) as in the forward pass. Reentrant or not, the recompute then
         edits exactly as the forward did.
         """
-        if self._checkpointable is None:  # modules that can checkpoint: found once, checked each call
-            self._checkpointable = [m for m in self.model.modules() if hasattr(m, "gradient_checkpointing")]
         for module in self._checkpointable:
             func = module.__dict__.get("_gradient_checkpointing_func")
             if func is None or getattr(func, "_reft_wrapped", False):
@@ -554,8 +553,9 @@ class IntervenableModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """The device of the base model's first weight (inputs go there)."""
-        return _first_device(self.model)
+        """Where inputs go: the base model's execution device (accelerate's, when it dispatched the
+        model and keeps offloaded weights on `meta`), else its first real weight's."""
+        return execution_device(self.model, self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -772,8 +772,12 @@ def _check_positions(positions: torch.Tensor, shape: tuple[int, int] | None) -> 
         B, T = shape
         if positions.shape[0] != B:
             raise ValueError(f"positions has batch size {positions.shape[0]}, but the inputs have {B}")
-        bad = (positions < -1) | (positions >= T)
-        if bad.any():  # one check per call, on explicit positions only
-            value = positions[bad][0].item()
-            raise ValueError(f"position {value} is out of range for sequence length {T} (valid: 0..{T - 1}, or -1 for none)")
+        if torch.compiler.is_compiling():  # no host sync in a compiled graph: the check runs on the device
+            valid = ((positions >= -1) & (positions < T)).all()
+            torch._assert_async(valid, "positions out of range: each must be -1 (none) or a token index below the sequence length")
+        else:
+            bad = (positions < -1) | (positions >= T)
+            if bad.any():  # one check per call, on explicit positions only
+                value = positions[bad][0].item()
+                raise ValueError(f"position {value} is out of range for sequence length {T} (valid: 0..{T - 1}, or -1 for none)")
     return positions.long()

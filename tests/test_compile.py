@@ -60,7 +60,6 @@ def test_a_forward_is_one_graph_for_every_position_spec(spec, tied, prompt):
     assert (graphs, breaks) == (1, 0), reasons
 
 
-@pytest.mark.xfail(strict=True, reason="model.py _check_positions syncs with the host (bad.any(), .item()): lead's patch pending")
 def test_a_forward_with_explicit_positions_is_one_graph():
     ids, mask = tiny.padded_batch([7, 4, 6], side="right")
     positions = torch.tensor([[0, 6], [1, 3], [2, -1]])
@@ -68,7 +67,6 @@ def test_a_forward_with_explicit_positions_is_one_graph():
     assert (graphs, breaks) == (1, 0), reasons
 
 
-@pytest.mark.xfail(strict=True, reason="positions out of range must still be an error when compiled: lead's patch pending")
 def test_compiled_explicit_positions_out_of_range_are_an_error():
     rm = _wrap("all")
     compiled = torch.compile(rm, backend="aot_eager")
@@ -128,7 +126,6 @@ def test_compile_true_compiles_with_inductor_and_matches_eager():
     assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 2  # forward, backward
 
 
-@pytest.mark.xfail(strict=True, reason="model.py's first call sets rm._checkpointable and _edit.py hashes the length: lead's patch pending")
 def test_padded_lengths_compile_at_most_two_graphs():
     """The first length compiles a graph, the next one a graph with a dynamic length that serves every
     later length: no recompilation per batch."""

@@ -68,6 +68,36 @@ def test_transformers_trainer_with_default_arguments_trains_evaluates_predicts_a
     trainer2.train(resume_from_checkpoint=str(checkpoint))  # resumes from the adapter-only checkpoint
 
 
+def test_save_adapter_callback_writes_a_loadable_adapter_folder_at_each_checkpoint(tmp_path):
+    from reft.callbacks import SaveAdapterCallback
+
+    tok = tiny_text.tokenizer()
+    rm = _rm(positions="all")
+    data = build_generation_data(tok, _pairs(16))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+        save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=rm, args=args, train_dataset=data, data_collator=Collator(tok),
+                                   callbacks=[SaveAdapterCallback()])
+    trainer.train()
+    assert (tmp_path / "checkpoint-2" / "adapter" / "adapter_config.json").is_file()
+    loaded = reft.IntervenableModel.from_pretrained(tiny.causal_lm(initializer_range=0.2), tmp_path / "checkpoint-4" / "adapter")
+    ids, mask = tiny.padded_batch([5, 3], side="left")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, rm(input_ids=ids, attention_mask=mask).logits)
+        with rm.disabled():
+            plain = rm(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(loaded(input_ids=ids, attention_mask=mask).logits, plain)  # the trained edit, not nothing
+
+    with pytest.raises(ValueError, match=r"one plain folder name .* got '\.\./x'"):
+        SaveAdapterCallback("../x")
+    state = transformers.TrainerState(global_step=1)
+    with pytest.raises(TypeError, match="the Trainer's model is a LlamaForCausalLM"):
+        SaveAdapterCallback().on_save(args, state, transformers.TrainerControl(), model=tiny.causal_lm())
+    assert repr(SaveAdapterCallback()) == "SaveAdapterCallback(folder='adapter')"
+
+
 def test_pipeline_generates_what_rm_generate_does():
     tok = tiny_text.tokenizer(padding_side="left")
     rm = _rm(strong=True)

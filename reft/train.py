@@ -928,7 +928,7 @@ def _progress(total: int, initial: int, disable: bool):
 
 def _write_log(path: Path, records: list[dict]) -> None:
     """Rewrite log.jsonl with `records` (atomically), e.g. after resuming from a checkpoint."""
-    from .checkpoint import write_file
+    from ._files import write_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))

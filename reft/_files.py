@@ -268,6 +268,40 @@ def write_file(path: PathLike, data: bytes) -> None:
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` to `path` whole or not at all: a write cut short (a full disk) is truncated away,
+    and a line cut short before (a crash mid-write) is dropped first, so the file holds whole lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        if end:
+            size = min(end, 1 << 16)
+            os.lseek(fd, end - size, os.SEEK_SET)
+            tail = os.read(fd, size)
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                if cut >= 0 or size == end:
+                    end = end - size + cut + 1
+                    os.ftruncate(fd, end)
+                else:
+                    data = b"\n" + data  # a cut line longer than we look back: leave it on its own line
+        os.lseek(fd, end, os.SEEK_SET)
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as e:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise OSError(e.errno, f"{e.strerror}; the record was not logged, the log keeps its whole lines", str(path)) from None
+    finally:
+        os.close(fd)
+
+
 def _fsync(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

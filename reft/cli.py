@@ -195,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
             raise RecipeError(f"{'; '.join(missing)} (the recipe itself is valid)")
         print(f"recipe {args.config}: OK (dry run, no weights loaded)")
         return 0
-    from .checkpoint import save_target
+    from ._files import save_target
     from .recipes import build_data, build_intervenable, load_model
     from .train import Trainer, check_allow_changes
 
@@ -336,7 +336,8 @@ def _decode(tokenizer, ids) -> str:
 
 # --------------------------------------------------------------------------------------- info
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_format, read_json
+    from ._files import read_json
+    from .adapter import CONFIG_NAME, WEIGHTS_NAME, check_format
     from .config import ReftConfig
 
     folder = Path(args.adapter)
@@ -476,7 +477,7 @@ def _round(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _write_text(path: Path, text: str) -> None:
     """Atomic: a temporary file in the same folder, then `os.replace`."""
-    from .checkpoint import write_file
+    from ._files import write_file
 
     write_file(path, text.encode("utf-8"))
 

@@ -130,7 +130,7 @@ class IntervenableModel(nn.Module):
 
     def load_adapter(self, path: str | os.PathLike, adapter_name: str, revision: str | None = None) -> None:
         """Add the adapter saved at `path` (a folder or Hub repo id, `save_pretrained`'s format) as `adapter_name` (not made active)."""
-        from .checkpoint import read_adapter
+        from .adapter import read_adapter
         from .hub import resolve
 
         self._check_new_name(adapter_name)
@@ -467,7 +467,7 @@ class IntervenableModel(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the adapters: `"default"` at `path` (`adapter_config.json` + `adapter_model.safetensors`),
         every other one in `path/<name>/`."""
-        from .checkpoint import save_adapter
+        from .adapter import save_adapter
 
         save_adapter(self, path)
 
@@ -481,7 +481,7 @@ class IntervenableModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, device: str | torch.device | None = None,
                         adapter_name: str = DEFAULT, revision: str | None = None) -> "IntervenableModel":
         """Rebuild the adapter saved at `path` (a folder or Hub repo id, by `save_pretrained`) on `model`, named `adapter_name`."""
-        from .checkpoint import read_adapter
+        from .adapter import read_adapter
         from .hub import resolve
 
         config, interventions, head = read_adapter(model, resolve(path, revision))

@@ -1,4 +1,4 @@
-"""Adapters and training checkpoints on disk (reft/checkpoint.py)."""
+"""Adapters and training checkpoints on disk (reft/adapter.py, reft/checkpoint.py, reft/_files.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reft
+import reft._files as fs
 import reft.checkpoint as ck
 from reft.interventions.base import intervention_class
 
@@ -236,7 +237,7 @@ def _rewrite_weights(folder: Path, edit) -> None:
     tensors = load_file(file)
     edit(tensors)
     save_file(tensors, file)
-    _edit_config(folder, lambda c: c.update(files={file.name: ck._file_record(file.read_bytes())}))
+    _edit_config(folder, lambda c: c.update(files={file.name: fs.file_record(file.read_bytes())}))
 
 
 def _truncate(folder: Path, keep_checksum: bool) -> None:
@@ -364,7 +365,7 @@ def test_overwrite_replaces_whole_adapter(tmp_path, monkeypatch):
     batch = _batch()
     for exchange in (True, False):  # the atomic swap, and the two-rename fallback where it is missing
         if not exchange:
-            monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
         target = tmp_path / f"a{exchange}"
         _lm_adapter(seed=1).save_pretrained(target)
         second = _lm_adapter(seed=2)
@@ -384,7 +385,7 @@ def test_exception_between_writing_and_renaming_keeps_previous(tmp_path, monkeyp
         assert sorted(p.name for p in tmp.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
         raise RuntimeError("injected crash before the rename")
 
-    monkeypatch.setattr(ck, "_replace_folder", crash)
+    monkeypatch.setattr(fs, "_replace_folder", crash)
     with pytest.raises(RuntimeError, match="injected"):
         _lm_adapter(seed=2).save_pretrained(target)
     assert _files(target) == before
@@ -400,14 +401,14 @@ def test_process_killed_mid_save_keeps_previous(tmp_path):
     before = _files(target)
     child = f"""
 import pathlib, time
-import reft.checkpoint as ck
+import reft._files as fs
 from tests.test_checkpoint import _lm_adapter
 
 def stall(tmp, target):  # everything is written; the rename is next
     pathlib.Path({str(ready)!r}).write_text(str(tmp))
     time.sleep(600)
 
-ck._replace_folder = stall
+fs._replace_folder = stall
 _lm_adapter(seed=2).save_pretrained({str(target)!r})
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -671,7 +672,7 @@ def test_save_keeps_this_librarys_entries_it_does_not_rewrite(tmp_path, monkeypa
     """An output_dir holding a log, a recipe, a training checkpoint and another adapter's sub-folder
     accepts the save, replaces the adapter files and keeps everything else byte for byte."""
     if not exchange:
-        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     _lm_adapter(seed=1).save_pretrained(out)
     (out / "log.jsonl").write_text('{"step": 1}\n')
@@ -705,7 +706,7 @@ def test_saved_folders_and_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         _lm_adapter().save_pretrained(tmp_path / "a")
-        ck.write_file(tmp_path / "a" / "recipe.yaml", b"name: x\n")
+        fs.write_file(tmp_path / "a" / "recipe.yaml", b"name: x\n")
     finally:
         os.umask(old)
     assert (tmp_path / "a").stat().st_mode & 0o777 == 0o777 & ~umask
@@ -786,7 +787,7 @@ def test_a_bad_rng_state_is_refused_before_anything_is_restored(tmp_path, tamper
         tensors = load_file(tensors_file)
         tensors["rng.torch"] = tensors["rng.torch"][:100].clone()
         save_file(tensors, tensors_file)
-        record["files"] = {tensors_file.name: ck._file_record(tensors_file.read_bytes())}
+        record["files"] = {tensors_file.name: fs.file_record(tensors_file.read_bytes())}
     elif tamper == "python":
         record["rng"]["python"]["__tuple__"][1]["__tuple__"] = [1, 2, 3]
     else:
@@ -806,4 +807,4 @@ def test_a_bad_rng_state_is_refused_before_anything_is_restored(tmp_path, tamper
 def test_own_file_names_match_the_writers():
     from reft import cli, train
 
-    assert {cli.RECIPE_NAME, train.LOG_NAME} <= set(ck._OWN_FILES)
+    assert {cli.RECIPE_NAME, train.LOG_NAME} <= set(fs._OWN_FILES)

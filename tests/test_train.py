@@ -472,21 +472,21 @@ def test_a_resume_past_max_steps_is_an_error_naming_the_step(tmp_path):
 def test_a_log_line_cut_by_a_full_disk_leaves_the_log_readable(tmp_path, monkeypatch):
     import errno
 
-    import reft.train as train_module
+    import reft._files as fs
 
     log = tmp_path / "log.jsonl"
-    train_module._append_line(log, '{"step": 1}\n')
+    fs.append_line(log, '{"step": 1}\n')
     real_write = os.write
 
     def full_disk(fd, data):  # half the line goes out, then the disk is full
         real_write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train_module.os, "write", full_disk)
+    monkeypatch.setattr(fs.os, "write", full_disk)
     with pytest.raises(OSError, match="No space left on device; the record was not logged, the log keeps its whole lines"):
-        train_module._append_line(log, '{"step": 2, "loss": 1.5}\n')
-    monkeypatch.setattr(train_module.os, "write", real_write)
+        fs.append_line(log, '{"step": 2, "loss": 1.5}\n')
+    monkeypatch.setattr(fs.os, "write", real_write)
     assert log.read_text() == '{"step": 1}\n'
     log.write_text('{"step": 1}\n{"step": 2, "lo')  # a line cut by a crash: dropped before the next one
-    train_module._append_line(log, '{"step": 3}\n')
+    fs.append_line(log, '{"step": 3}\n')
     assert [json.loads(line) for line in log.read_text().splitlines()] == [{"step": 1}, {"step": 3}]

@@ -14,7 +14,7 @@ from torch import nn
 def device_of(rm: nn.Module) -> torch.device:
     """Where batches go: the base model's execution device (accelerate's, when it dispatched the model;
     its offloaded weights are on `meta`), else its first real parameter's."""
-    from .model import execution_device
+    from ._device import execution_device
 
     return execution_device(rm.model, rm.model)
 

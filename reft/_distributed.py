@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._device import execution_device
+
 
 def device_of(rm: nn.Module) -> torch.device:
     """Where batches go: the base model's execution device (accelerate's, when it dispatched the model;
     its offloaded weights are on `meta`), else its first real parameter's."""
-    from ._device import execution_device
-
     return execution_device(rm.model, rm.model)
 
 

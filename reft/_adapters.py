@@ -75,6 +75,19 @@ class AdaptersMixin:
     def adapter_names(self) -> list[str]:
         return list(self.adapters)
 
+    def adapter_index(self, adapter_names: Sequence[str | None]) -> torch.Tensor:
+        """`adapter_names` as a `[B]` tensor of indices into `rm.adapter_names` (-1 for None).
+
+        Pass it as `adapter_names=` to a compiled model: routing by tensor does not recompile per batch.
+        """
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise ValueError(f"adapter_names must be a list with one adapter name (or None) per example, got {short(adapter_names)}")
+        names = self.adapter_names
+        for name in adapter_names:
+            if name is not None:
+                self._check_known(name)
+        return torch.tensor([names.index(n) if n is not None else -1 for n in adapter_names], dtype=torch.long)
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active_adapters)

@@ -86,7 +86,8 @@ class CallsMixin:
         computes its own loss from `labels`). `prompt_mask` `[B, T]` (1 on prompt tokens) makes
         position specs count prompt tokens only; `positions` `[B, P]` (-1 = none) gives explicit
         positions for every site; `adapter_names` (one name or None per example) routes each example
-        through its own adapter.
+        through its own adapter. Under `torch.compile`, pass `rm.adapter_index(names)` instead of the
+        names: a tensor is data to the compiled graph, whereas each new list of names recompiles it.
         """
         named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         kwargs = {**{k: v for k, v in named.items() if v is not None}, **kwargs}
@@ -177,9 +178,14 @@ class CallsMixin:
             self._call = previous
 
     def _routing(self, adapter_names, shape, device) -> tuple[tuple[str, ...], torch.Tensor | None]:
-        """`(adapters, route)`: the active adapters and no route, or the named ones and each row's index."""
+        """`(adapters, route)`: the active adapters and no route, or the named ones and each row's index.
+
+        A tensor (`rm.adapter_index(names)`) routes over all adapters, in `rm.adapter_names` order.
+        """
         if adapter_names is None:
             return tuple(self._active_adapters), None
+        if isinstance(adapter_names, torch.Tensor):
+            return tuple(self.adapters), _check_route(adapter_names, shape, len(self.adapters)).to(device)
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise ValueError(f"adapter_names must be a list with one adapter name (or None) per example, got {short(adapter_names)}")
         if shape is not None and len(adapter_names) != shape[0]:
@@ -272,6 +278,24 @@ def _input_shape(args: tuple, kwargs: Mapping[str, Any]) -> tuple[int, int] | No
         if isinstance(x, torch.Tensor) and x.dim() >= 2:
             return x.shape[0], x.shape[1]
     return None
+
+
+def _check_route(route: torch.Tensor, shape: tuple[int, int] | None, count: int) -> torch.Tensor:
+    """`adapter_names` as a tensor: `[B]` integer indices into the adapters (-1 = none)."""
+    if route.dim() != 1 or route.is_floating_point() or route.is_complex() or route.dtype == torch.bool:
+        raise ValueError(
+            f"adapter_names as a tensor must be [batch] integer indices into rm.adapter_names (-1 = none), as "
+            f"rm.adapter_index(names) makes; got {tuple(route.shape)} {route.dtype}"
+        )
+    if shape is not None and route.shape[0] != shape[0]:
+        raise ValueError(f"adapter_names has {route.shape[0]} entries, but the batch has {shape[0]} examples")
+    if torch.compiler.is_compiling():  # no host sync in a compiled graph: the check runs on the device
+        torch._assert_async(((route >= -1) & (route < count)).all(), "adapter index out of range (valid: -1 for none, or below the number of adapters)")
+    else:
+        bad = (route < -1) | (route >= count)
+        if bad.any():
+            raise ValueError(f"adapter index {route[bad][0].item()} is out of range: valid are -1 (none) and 0..{count - 1} (rm.adapter_names)")
+    return route.long()
 
 
 def _check_positions(positions: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:

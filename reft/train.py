@@ -218,6 +218,10 @@ class Trainer:
     def _step(self, model: nn.Module, micro: list[dict[str, torch.Tensor]], step: int) -> None:
         """Optimizer step `step` (1-based) over `micro` (1..grad_accum batches); no host sync."""
         micro = [to_device(b, self.device) for b in micro]
+        # Routing by index over all adapters: to a compiled model a list of names is a guard (a new graph per
+        # list), a tensor is data; and compiled or not, every adapter gets a gradient (zero where no row uses it).
+        micro = [{**b, "adapter_names": self.rm.adapter_index(b["adapter_names"]).to(self.device)}
+                 if isinstance(b.get("adapter_names"), list) else b for b in micro]
         counts = torch.stack([self.objective.count(b) for b in micro])  # [len(micro)]: tokens, examples or pairs
         total = counts.sum()
         if self.world > 1:

@@ -1,5 +1,5 @@
-"""Example builders and the collator: (prompt, response), (text, label) and (prompt, chosen, rejected)
-examples -> padded tensors.
+"""Tokenized examples: `TokenizedData`, the generation and classification builders, and what every
+builder shares (the prompt format, the row and label checks, the length limit and its skips).
 
 An example is a dict of tensors:
 
@@ -10,15 +10,6 @@ An example is a dict of tensors:
 - `positions` `[p]` (optional): explicit token indices into the example, -1 = none;
 - `adapter` (optional, a str or None): the adapter this example trains and is scored with, when rows
   given as dicts carry an `"adapter"` key (several adapters trained at once: multi-task).
-
-A preference example holds two generation examples with one prompt: `chosen_input_ids`,
-`chosen_labels`, `rejected_input_ids`, `rejected_labels` and `prompt_length`.
-
-`Collator` pads a list of examples on the tokenizer's side and returns `input_ids`, `attention_mask`,
-`labels`, `prompt_mask` (and `positions`, shifted by the left padding) as batch tensors, and
-`adapter_names` (a list) when the examples carry adapters: exactly the keyword arguments
-`IntervenableModel.forward` takes, plus `labels`. A batch of B preference examples
-has 2B rows: the B chosen responses, then the B rejected ones.
 
 Every builder checks its input before any training starts: an empty dataset, a prompt or response that
 tokenizes to nothing, an example longer than `max_length` (an error, or a counted and logged skip with
@@ -36,13 +27,13 @@ from typing import Any
 
 import torch
 
-from ._errors import short
+from .._errors import short
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of the tokens that carry no loss (the prompt, the padding)
 _NO_ADAPTER = object()  # a row without an "adapter" key (None is a row routed to no adapter)
-_TOO_LONG = ("error", "skip")
+TOO_LONG = ("error", "skip")
 
 
 @dataclass
@@ -120,12 +111,12 @@ def build_generation_data(
         `TokenizedData` whose examples have `input_ids` `[n]`, `labels` `[n]` (-100 over the
         prompt), `prompt_length` and, when given, `positions`.
     """
-    _check_choice("on_too_long", on_too_long, _TOO_LONG)
+    check_choice("on_too_long", on_too_long, TOO_LONG)
     encode_prompt = prompt_encoder(tokenizer, chat_template, system_prompt)
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
-    limit = _max_length(tokenizer, max_length)
+    limit = length_limit(tokenizer, max_length)
 
     examples, skipped = [], 0
     for i, row in enumerate(_rows(pairs_or_dataset, prompt_key, response_key, positions_key)):
@@ -137,7 +128,7 @@ def build_generation_data(
         if not response_ids:
             raise ValueError(f"example {i}: response {short(response)} tokenizes to no tokens; every response needs at least one")
         ids = prompt_ids + response_ids + ([eos] if add_eos else [])
-        if _too_long(i, len(ids), limit, on_too_long):
+        if too_long(i, len(ids), limit, on_too_long):
             skipped += 1
             continue
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -149,7 +140,7 @@ def build_generation_data(
         if adapter is not _NO_ADAPTER:
             example["adapter"] = _check_adapter(i, adapter)
         examples.append(example)
-    return _finish(examples, "generation", tokenizer, limit, skipped)
+    return finish_data(examples, "generation", tokenizer, limit, skipped)
 
 
 def prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: str | None) -> Callable[[str], list[int]]:
@@ -177,7 +168,7 @@ def prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: st
     return encode
 
 
-def _too_long(i: int, length: int, limit: int | None, on_too_long: str) -> bool:
+def too_long(i: int, length: int, limit: int | None, on_too_long: str) -> bool:
     """Whether example `i` must be skipped for exceeding `limit`; raises when `on_too_long` is "error"."""
     if limit is None or length <= limit:
         return False
@@ -188,90 +179,6 @@ def _too_long(i: int, length: int, limit: int | None, on_too_long: str) -> bool:
         )
     return True
 
-
-# --------------------------------------------------------------------------- preference
-def build_preference_data(
-    tokenizer: Any,
-    triples_or_dataset: Iterable[Any],
-    max_length: int | None = None,
-    *,
-    prompt_key: str = "prompt",
-    chosen_key: str = "chosen",
-    rejected_key: str = "rejected",
-    chat_template: bool | None = None,
-    system_prompt: str | None = None,
-    add_eos: bool = True,
-    on_too_long: str = "error",
-) -> TokenizedData:
-    """Tokenize (prompt, chosen, rejected) triples for the preference objectives (DPO, RePS).
-
-    The prompt is formatted as `build_generation_data` formats it (the chat template when the
-    tokenizer has one) and shared by both responses; each response is tokenized on its own (with EOS
-    when `add_eos`) and labelled, the prompt is not.
-
-    Args:
-        triples_or_dataset: `(prompt, chosen, rejected)` tuples, dicts with `prompt_key`,
-            `chosen_key` and `rejected_key`, or a `datasets.Dataset` with those columns.
-        max_length, chat_template, system_prompt, add_eos, on_too_long: as in `build_generation_data`
-            (`max_length` bounds the prompt plus the longer response).
-
-    Returns:
-        `TokenizedData` (task `"preference"`) whose examples have `chosen_input_ids`, `chosen_labels`,
-        `rejected_input_ids`, `rejected_labels` (`[n]` each, -100 over the prompt) and `prompt_length`.
-    """
-    _check_choice("on_too_long", on_too_long, _TOO_LONG)
-    encode_prompt = prompt_encoder(tokenizer, chat_template, system_prompt)
-    eos = tokenizer.eos_token_id
-    if add_eos and eos is None:
-        raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
-    limit = _max_length(tokenizer, max_length)
-    keys = (prompt_key, chosen_key, rejected_key)
-
-    examples, skipped = [], 0
-    for i, (prompt, chosen, rejected) in enumerate(_triples(triples_or_dataset, keys)):
-        prompt_ids = encode_prompt(prompt)
-        if not prompt_ids:
-            raise ValueError(f"example {i}: prompt {prompt!r} tokenizes to no tokens; every prompt needs at least one")
-        example = {"prompt_length": torch.tensor(len(prompt_ids))}
-        for side, response in (("chosen", chosen), ("rejected", rejected)):
-            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-            if not response_ids:
-                raise ValueError(f"example {i}: {side} response {response!r} tokenizes to no tokens; every response needs at least one")
-            input_ids = torch.tensor(prompt_ids + response_ids + ([eos] if add_eos else []), dtype=torch.long)
-            labels = input_ids.clone()
-            labels[: len(prompt_ids)] = IGNORE_INDEX
-            example[f"{side}_input_ids"], example[f"{side}_labels"] = input_ids, labels
-        longest = max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
-        if _too_long(i, longest, limit, on_too_long):
-            skipped += 1
-            continue
-        examples.append(example)
-    return _finish(examples, "preference", tokenizer, limit, skipped)
-
-
-def _triples(data: Iterable[Any], keys: tuple[str, str, str]):
-    """Yield `(prompt, chosen, rejected)` from tuples, dicts or a `datasets.Dataset`."""
-    count = 0
-    for i, row in enumerate(data):
-        count += 1
-        if isinstance(row, Mapping):
-            missing = [k for k in keys if k not in row]
-            if missing:
-                raise ValueError(f"example {i}: no key(s) {missing}; it has {sorted(row)}")
-            values = tuple(row[k] for k in keys)
-        elif isinstance(row, (tuple, list)) and len(row) == 3:
-            values = tuple(row)
-        else:
-            raise ValueError(
-                f"example {i}: expected a (prompt, chosen, rejected) triple or a dict with {', '.join(map(repr, keys))}, "
-                f"got {type(row).__name__} {row!r:.80}"
-            )
-        for name, value in zip(("prompt", "chosen", "rejected"), values):
-            if not isinstance(value, str):
-                raise ValueError(f"example {i}: the {name} must be a str, got {type(value).__name__} {value!r:.80}")
-        yield values
-    if count == 0:
-        raise ValueError("the dataset is empty: give at least one (prompt, chosen, rejected) triple")
 
 
 # --------------------------------------------------------------------------- classification
@@ -300,7 +207,7 @@ def build_classification_data(
         `TokenizedData` whose examples have `input_ids` `[n]`, a scalar `labels` and `prompt_length = n`
         (position specs count the whole text).
     """
-    _check_choice("on_too_long", on_too_long, _TOO_LONG)
+    check_choice("on_too_long", on_too_long, TOO_LONG)
     adapters = None  # per example, when dict rows carry an "adapter" key
     if labels is None:
         rows = list(texts)
@@ -320,7 +227,7 @@ def build_classification_data(
     if num_labels is not None and (not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels < 1):
         raise ValueError(f"num_labels must be a positive int, got {short(num_labels)}")
     regression = num_labels == 1
-    limit = _max_length(tokenizer, max_length)
+    limit = length_limit(tokenizer, max_length)
 
     examples, skipped = [], 0
     for i, (text, label) in enumerate(zip(texts, labels)):
@@ -328,7 +235,7 @@ def build_classification_data(
         ids = tokenizer(text)["input_ids"]
         if not ids:
             raise ValueError(f"example {i}: text {short(text)} tokenizes to no tokens")
-        if _too_long(i, len(ids), limit, on_too_long):
+        if too_long(i, len(ids), limit, on_too_long):
             skipped += 1
             continue
         examples.append({
@@ -337,119 +244,12 @@ def build_classification_data(
             "prompt_length": torch.tensor(len(ids)),
             **({"adapter": adapters[i]} if adapters is not None else {}),
         })
-    data = _finish(examples, "classification", tokenizer, limit, skipped)
+    data = finish_data(examples, "classification", tokenizer, limit, skipped)
     if not regression:
         data.num_labels = num_labels if num_labels is not None else 1 + max(int(e["labels"]) for e in examples)
     else:
         data.num_labels = 1
     return data
-
-
-# --------------------------------------------------------------------------- collator
-class Collator:
-    """Pad examples into a batch of tensors, on the tokenizer's padding side.
-
-    Returns `input_ids` `[B, T]`, `attention_mask` `[B, T]`, `labels` (`[B, T]` with -100 on the prompt
-    and the padding, or `[B]` for classification), `prompt_mask` `[B, T]` (1 on prompt tokens), and, when
-    the examples carry them, `positions` `[B, P]` shifted by the padding (-1 = none). B preference
-    examples give 2B rows: the B chosen responses, then the B rejected ones.
-
-    Args:
-        tokenizer: gives `pad_token_id` (its EOS when it has no pad token) and `padding_side`.
-        padding_side, pad_token_id: override the tokenizer's (or give them without a tokenizer).
-        pad_to_multiple_of: round T up to a multiple of this (tensor-core friendly shapes).
-    """
-
-    def __init__(
-        self,
-        tokenizer: Any = None,
-        *,
-        padding_side: str | None = None,
-        pad_token_id: int | None = None,
-        pad_to_multiple_of: int | None = None,
-    ):
-        if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_token_id is None:
-            raise ValueError("no pad token: the tokenizer has neither pad_token nor eos_token; pass pad_token_id=")
-        side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
-        _check_choice("padding_side", side, ("left", "right"))
-        if pad_to_multiple_of is not None and (
-            not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1
-        ):
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {short(pad_to_multiple_of)}")
-        self.pad_token_id = int(pad_token_id)
-        self.padding_side = side
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    @classmethod
-    def for_data(cls, data: TokenizedData, **kwargs: Any) -> "Collator":
-        """The collator that pads `data` as its tokenizer would."""
-        return cls(padding_side=data.padding_side, pad_token_id=data.pad_token_id, **kwargs)
-
-    def __call__(self, examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("cannot collate an empty list of examples")
-        if "chosen_input_ids" in examples[0]:  # preference pairs: the chosen rows, then the rejected ones
-            examples = [
-                {"input_ids": e[f"{side}_input_ids"], "labels": e[f"{side}_labels"], "prompt_length": e["prompt_length"],
-                 **({"adapter": e["adapter"]} if "adapter" in e else {})}
-                for side in ("chosen", "rejected")
-                for e in examples
-            ]
-        B = len(examples)
-        lengths = torch.tensor([len(e["input_ids"]) for e in examples])  # [B]
-        if bool((lengths == 0).any()):
-            i = int((lengths == 0).nonzero()[0])
-            raise ValueError(f"example {i} of the batch has 0 tokens (input_ids {short(examples[i]['input_ids'])}); every example needs at least one")
-        T = int(lengths.max())
-        if self.pad_to_multiple_of:
-            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        left = self.padding_side == "left"
-        offset = T - lengths if left else torch.zeros_like(lengths)  # [B] where each example starts
-
-        input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
-        token_labels = examples[0]["labels"].dim() == 1
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if token_labels else None
-        for i, e in enumerate(examples):  # the copy padding needs; nothing else loops over the batch
-            n = len(e["input_ids"])
-            span = slice(T - n, T) if left else slice(0, n)
-            input_ids[i, span] = e["input_ids"]
-            if token_labels:
-                labels[i, span] = e["labels"]
-        if not token_labels:
-            labels = torch.stack([e["labels"] for e in examples])  # [B]
-
-        arange = torch.arange(T).unsqueeze(0)  # [1, T]
-        start = offset.unsqueeze(1)  # [B, 1]
-        attention_mask = (arange >= start) & (arange < start + lengths.unsqueeze(1))
-        prompt_length = torch.stack([_prompt_length(e) for e in examples]).unsqueeze(1)  # [B, 1]
-        prompt_mask = (arange >= start) & (arange < start + prompt_length)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask.long(),
-            "labels": labels,
-            "prompt_mask": prompt_mask.long(),
-        }
-        routed = sum("adapter" in e for e in examples)
-        if routed not in (0, B):
-            raise ValueError(f"{routed} of {B} examples name an adapter; either all or none must (None: no adapter)")
-        if routed:
-            batch["adapter_names"] = [e["adapter"] for e in examples]
-        carried = sum("positions" in e for e in examples)
-        if carried not in (0, B):
-            raise ValueError(f"{carried} of {B} examples carry explicit positions; either all or none must")
-        if carried:
-            P = max(len(e["positions"]) for e in examples)
-            positions = torch.full((B, P), -1, dtype=torch.long)
-            for i, e in enumerate(examples):
-                positions[i, : len(e["positions"])] = e["positions"]
-            batch["positions"] = torch.where(positions >= 0, positions + start, -1)
-        return batch
-
-    def __repr__(self) -> str:
-        multiple = f", pad_to_multiple_of={self.pad_to_multiple_of}" if self.pad_to_multiple_of else ""
-        return f"Collator(padding_side={self.padding_side!r}, pad_token_id={self.pad_token_id}{multiple})"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -478,19 +278,6 @@ def _rows(data: Iterable[Any], prompt_key: str, response_key: str, positions_key
         yield prompt, response, positions, adapter
     if count == 0:
         raise ValueError("the dataset is empty: give at least one (prompt, response) pair")
-
-
-def _prompt_length(example: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The example's `prompt_length`, or, where a caller dropped it (transformers' Trainer keeps only
-    the columns a forward takes), what the builders set it to: the tokens before the first labelled
-    one (generation), or the whole text (classification)."""
-    if "prompt_length" in example:
-        return torch.as_tensor(example["prompt_length"])
-    labels, n = example["labels"], len(example["input_ids"])
-    if labels.dim() == 0:
-        return torch.tensor(n)
-    labelled = (labels != IGNORE_INDEX).nonzero()
-    return labelled[0, 0] if len(labelled) else torch.tensor(n)
 
 
 def _check_adapter(i: int, adapter: Any) -> str | None:
@@ -543,7 +330,8 @@ def leading_special_tokens(tokenizer: Any) -> list[int]:
     return []
 
 
-def _max_length(tokenizer: Any, max_length: int | None) -> int | None:
+def length_limit(tokenizer: Any, max_length: int | None) -> int | None:
+    """The longest example allowed: `max_length` (checked), else the tokenizer's real limit, else None."""
     if max_length is not None:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 or None, got {short(max_length)}")
@@ -552,7 +340,8 @@ def _max_length(tokenizer: Any, max_length: int | None) -> int | None:
     return int(limit) if isinstance(limit, int) and limit < 1_000_000 else None  # HF uses ~1e30 for "none"
 
 
-def _finish(examples: list, task: str, tokenizer: Any, limit: int | None, skipped: int) -> TokenizedData:
+def finish_data(examples: list, task: str, tokenizer: Any, limit: int | None, skipped: int) -> TokenizedData:
+    """A builder's examples as `TokenizedData` padded like `tokenizer`; the skips logged, none left an error."""
     if skipped:
         logger.warning("skipped %d of %d examples longer than max_length %s", skipped, skipped + len(examples), limit)
     if not examples:
@@ -564,6 +353,7 @@ def _finish(examples: list, task: str, tokenizer: Any, limit: int | None, skippe
     return TokenizedData(examples, task, int(pad), side, limit, skipped)
 
 
-def _check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    """A ValueError naming `value` and the `valid` choices when `value` is not one of them."""
     if value not in valid:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}; got {short(value)}")

@@ -156,6 +156,11 @@ class CallsMixin:
         kwargs = kwargs or {}
         device = first_device(self.model)
         shape = _input_shape(args, kwargs)
+        if shape is not None and 0 in shape:
+            raise ValueError(
+                f"the inputs have [batch, seq] = {tuple(shape)}: an empty batch or sequence has nothing to edit; "
+                "give at least one example of at least one token"
+            )
         main = prompt_mask if prompt_mask is not None else kwargs.get("attention_mask")
         for name, m in (("attention_mask", kwargs.get("attention_mask")), ("prompt_mask", prompt_mask)):
             if isinstance(m, torch.Tensor) and shape is not None and (m.dim() != 2 or tuple(m.shape) != shape):

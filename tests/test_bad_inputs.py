@@ -294,6 +294,12 @@ def _rm():
     return reft.IntervenableModel(tiny.causal_lm(), {"layers.1.block_output": reft.RED(tiny.HIDDEN)}, positions="all")
 
 
+for name, shape in [("forward_empty_batch", (0, 5)), ("forward_empty_sequence", (2, 0))]:
+    case(name, ValueError, f"the inputs have [batch, seq] = {shape}: an empty batch or sequence has nothing to edit")(
+        lambda tmp, shape=shape: lambda: _rm()(input_ids=torch.zeros(shape, dtype=torch.long), attention_mask=torch.ones(shape, dtype=torch.long))
+    )
+
+
 @case("save_over_user_files", ValueError, "holds 2 entries this library did not write (['notes.txt', 'src/'])")
 def _(tmp):
     folder = _user_files(tmp / "d")

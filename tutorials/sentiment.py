@@ -19,7 +19,9 @@ saves a bar chart as sentiment.png when matplotlib is installed).
 
 The settings were chosen with `--validate`, which trains on 80% of the train split and reports
 accuracy on the other 20%: the test snippets played no part in choosing them. On the test split
-LoReFT scores 76.2% and full fine-tuning 79.8% (docs/tutorials.md has the whole table).
+LoReFT scores 76.2% and full fine-tuning 79.8% (docs/tutorials.md has the whole table). LoReFT's
+`--init identity` and `--dropout-at edit` were measured the same way (3 seeds) and did not beat
+its defaults.
 
     python tutorials/sentiment.py             # 4 methods (5 with peft), 3 epochs: about 8 minutes on 2 cores
     python tutorials/sentiment.py --validate  # the same on a validation split carved from train

@@ -35,3 +35,17 @@ def test_gpu_bench_runs_on_cpu_with_tiny_shapes():
     records = run("bench/gpu.py", "--device", "cpu", "--tiny", "--models", "llama7b")
     assert [r["bench"] for r in records] == ["gpu_train_step", "gpu_generate", "adapters", "adapters"]
     assert records[0]["model"] == "llama7b-shaped (tiny)" and records[0]["loreft/floor"] > 0
+
+
+def test_identity_init_bench_starts_identity_at_the_frozen_loss():
+    records = run("bench/identity_init.py", "--tiny", "--seeds", "0", "--steps", "2", "--every", "1")
+    assert [r["init"] for r in records] == ["pyreft", "identity"]
+    pyreft, identity = records
+    assert identity["held_out_loss"]["0"] == identity["frozen_held_out_loss"]  # h' = h at init
+    assert pyreft["held_out_loss"]["0"] != pyreft["frozen_held_out_loss"]
+    assert len(identity["train_loss"]) == 2 and set(identity["held_out_loss"]) == {"0", "1", "2"}
+
+
+def test_compile_profile_reports_kernel_shares():
+    (record,) = run("bench/compile_step.py", "--model", "tiny", "--profile")
+    assert 0 < record["matmul_share"] <= record["matmul_and_attention_share"]

@@ -111,36 +111,57 @@ def build_generation_data(
         `TokenizedData` whose examples have `input_ids` `[n]`, `labels` `[n]` (-100 over the
         prompt), `prompt_length` and, when given, `positions`.
     """
+    encode_prompt, suffix, limit = response_setup(tokenizer, max_length, chat_template, system_prompt, add_eos, on_too_long)
+    examples, skipped = [], 0
+    for i, row in enumerate(_rows(pairs_or_dataset, prompt_key, response_key, positions_key)):
+        prompt, response, positions, adapter = row
+        prompt_ids = prompt_tokens(i, encode_prompt, prompt)
+        input_ids, labels = labelled_response(i, tokenizer, prompt_ids, response, suffix, "response")
+        if too_long(i, len(input_ids), limit, on_too_long):
+            skipped += 1
+            continue
+        example = {"input_ids": input_ids, "labels": labels, "prompt_length": torch.tensor(len(prompt_ids))}
+        if positions is not None:
+            example["positions"] = _check_example_positions(i, positions, len(input_ids))
+        if adapter is not _NO_ADAPTER:
+            example["adapter"] = _check_adapter(i, adapter)
+        examples.append(example)
+    return finish_data(examples, "generation", tokenizer, limit, skipped)
+
+
+def response_setup(
+    tokenizer: Any, max_length: int | None, chat_template: bool | None, system_prompt: str | None, add_eos: bool, on_too_long: str
+) -> tuple[Callable[[str], list[int]], list[int], int | None]:
+    """`(prompt encoder, token ids after each response, length limit)` for the builders of examples with
+    responses (generation, preference), their arguments checked."""
     check_choice("on_too_long", on_too_long, TOO_LONG)
     encode_prompt = prompt_encoder(tokenizer, chat_template, system_prompt)
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
-    limit = length_limit(tokenizer, max_length)
+    return encode_prompt, [eos] if add_eos else [], length_limit(tokenizer, max_length)
 
-    examples, skipped = [], 0
-    for i, row in enumerate(_rows(pairs_or_dataset, prompt_key, response_key, positions_key)):
-        prompt, response, positions, adapter = row
-        prompt_ids = encode_prompt(prompt)
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if not prompt_ids:
-            raise ValueError(f"example {i}: prompt {short(prompt)} tokenizes to no tokens; every prompt needs at least one")
-        if not response_ids:
-            raise ValueError(f"example {i}: response {short(response)} tokenizes to no tokens; every response needs at least one")
-        ids = prompt_ids + response_ids + ([eos] if add_eos else [])
-        if too_long(i, len(ids), limit, on_too_long):
-            skipped += 1
-            continue
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        labels = input_ids.clone()
-        labels[: len(prompt_ids)] = IGNORE_INDEX
-        example = {"input_ids": input_ids, "labels": labels, "prompt_length": torch.tensor(len(prompt_ids))}
-        if positions is not None:
-            example["positions"] = _check_example_positions(i, positions, len(ids))
-        if adapter is not _NO_ADAPTER:
-            example["adapter"] = _check_adapter(i, adapter)
-        examples.append(example)
-    return finish_data(examples, "generation", tokenizer, limit, skipped)
+
+def prompt_tokens(i: int, encode_prompt: Callable[[str], list[int]], prompt: str) -> list[int]:
+    """Example `i`'s prompt as token ids; an error when it has none."""
+    prompt_ids = encode_prompt(prompt)
+    if not prompt_ids:
+        raise ValueError(f"example {i}: prompt {short(prompt)} tokenizes to no tokens; every prompt needs at least one")
+    return prompt_ids
+
+
+def labelled_response(
+    i: int, tokenizer: Any, prompt_ids: list[int], response: str, suffix: list[int], what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, labels)` `[n]` of prompt + `response` + `suffix`, the prompt's labels -100; `what`
+    names the response in the error for one that tokenizes to nothing."""
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if not response_ids:
+        raise ValueError(f"example {i}: {what} {short(response)} tokenizes to no tokens; every response needs at least one")
+    input_ids = torch.tensor(prompt_ids + response_ids + suffix, dtype=torch.long)
+    labels = input_ids.clone()
+    labels[: len(prompt_ids)] = IGNORE_INDEX
+    return input_ids, labels
 
 
 def prompt_encoder(tokenizer: Any, chat_template: bool | None, system_prompt: str | None) -> Callable[[str], list[int]]:

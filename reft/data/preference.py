@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .examples import IGNORE_INDEX, TOO_LONG, TokenizedData, check_choice, finish_data, length_limit, prompt_encoder, too_long
+from .examples import TokenizedData, finish_data, labelled_response, prompt_tokens, response_setup, too_long
 
 
 def build_preference_data(
@@ -45,27 +45,13 @@ def build_preference_data(
         `TokenizedData` (task `"preference"`) whose examples have `chosen_input_ids`, `chosen_labels`,
         `rejected_input_ids`, `rejected_labels` (`[n]` each, -100 over the prompt) and `prompt_length`.
     """
-    check_choice("on_too_long", on_too_long, TOO_LONG)
-    encode_prompt = prompt_encoder(tokenizer, chat_template, system_prompt)
-    eos = tokenizer.eos_token_id
-    if add_eos and eos is None:
-        raise ValueError("the tokenizer has no eos_token to append; set tokenizer.eos_token or pass add_eos=False")
-    limit = length_limit(tokenizer, max_length)
-    keys = (prompt_key, chosen_key, rejected_key)
-
+    encode_prompt, suffix, limit = response_setup(tokenizer, max_length, chat_template, system_prompt, add_eos, on_too_long)
     examples, skipped = [], 0
-    for i, (prompt, chosen, rejected) in enumerate(_triples(triples_or_dataset, keys)):
-        prompt_ids = encode_prompt(prompt)
-        if not prompt_ids:
-            raise ValueError(f"example {i}: prompt {prompt!r} tokenizes to no tokens; every prompt needs at least one")
+    for i, (prompt, chosen, rejected) in enumerate(_triples(triples_or_dataset, (prompt_key, chosen_key, rejected_key))):
+        prompt_ids = prompt_tokens(i, encode_prompt, prompt)
         example = {"prompt_length": torch.tensor(len(prompt_ids))}
         for side, response in (("chosen", chosen), ("rejected", rejected)):
-            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-            if not response_ids:
-                raise ValueError(f"example {i}: {side} response {response!r} tokenizes to no tokens; every response needs at least one")
-            input_ids = torch.tensor(prompt_ids + response_ids + ([eos] if add_eos else []), dtype=torch.long)
-            labels = input_ids.clone()
-            labels[: len(prompt_ids)] = IGNORE_INDEX
+            input_ids, labels = labelled_response(i, tokenizer, prompt_ids, response, suffix, f"{side} response")
             example[f"{side}_input_ids"], example[f"{side}_labels"] = input_ids, labels
         longest = max(len(example["chosen_input_ids"]), len(example["rejected_input_ids"]))
         if too_long(i, longest, limit, on_too_long):

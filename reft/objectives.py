@@ -152,14 +152,10 @@ class CrossEntropy(Objective):
         return loss_from_logits(logits, batch["labels"]) + penalty
 
 
-class DPO(Objective):
-    """DPO against the base model (`dpo_loss`); `beta` weighs the log-probability margin (default 0.1)."""
+class _Preference(Objective):
+    """An objective on preference pairs: the mean of `_losses` per pair; routed batches refused."""
 
-    name = "dpo"
     preference = True
-
-    def __init__(self, beta: float = 0.1):
-        self.beta = beta
 
     def count(self, batch):
         return _pair_count(batch)
@@ -174,8 +170,24 @@ class DPO(Objective):
         return losses.sum(), (chosen > rejected).sum()
 
     def _losses(self, model, rm, batch):
+        """`(losses [B], chosen log-probs [B], rejected log-probs [B], penalty)` of a batch of B pairs."""
+        raise NotImplementedError
+
+    def _refuse_routed(self, batch, why: str = "") -> None:
         if "adapter_names" in batch:
-            raise ValueError("objective 'reps' signs every intervention's edit per row: train one adapter at a time (no 'adapter' field)")
+            raise ValueError(f"objective {self.name!r}{why}: train one adapter at a time (no 'adapter' field)")
+
+
+class DPO(_Preference):
+    """DPO against the base model (`dpo_loss`); `beta` weighs the log-probability margin (default 0.1)."""
+
+    name = "dpo"
+
+    def __init__(self, beta: float = 0.1):
+        self.beta = beta
+
+    def _losses(self, model, rm, batch):
+        self._refuse_routed(batch, " takes no routed batches")
         labels = batch["labels"]
         logits, penalty = _forward(model, rm, batch)
         chosen, rejected = sequence_logprobs(logits, labels).chunk(2)
@@ -183,7 +195,7 @@ class DPO(Objective):
         return dpo_loss(chosen, rejected, reference_chosen, reference_rejected, self.beta), chosen, rejected, penalty
 
 
-class RePS(Objective):
+class RePS(_Preference):
     """RePS (`reps_loss`): the edit should make the chosen response likelier, the negated edit
     `h − (Φ(h) − h)` the rejected one; no parameter.
 
@@ -195,23 +207,9 @@ class RePS(Objective):
     """
 
     name = "reps"
-    preference = True
-
-    def count(self, batch):
-        return _pair_count(batch)
-
-    def loss_sum(self, model, rm, batch):
-        losses, _, _, penalty = self._losses(model, rm, batch)
-        return losses.sum() + penalty
-
-    def evaluate_sums(self, rm, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(loss sum, pairs whose chosen response is the likelier one under the edit)`."""
-        losses, chosen, rejected, _ = self._losses(rm, rm, batch)
-        return losses.sum(), (chosen > rejected).sum()
 
     def _losses(self, model, rm, batch):
-        if "adapter_names" in batch:
-            raise ValueError("objective 'reps' signs every intervention's edit per row: train one adapter at a time (no 'adapter' field)")
+        self._refuse_routed(batch, " signs every intervention's edit per row")
         labels = batch["labels"]
         rows = labels.shape[0]  # 2B: chosen, rejected
         doubled = {k: torch.cat([batch[k], batch[k]]) for k in (*_INPUTS, "labels") if k in batch}

@@ -227,3 +227,10 @@ def test_preference_objectives_need_preference_data_and_a_wrapped_model():
         Trainer(Plain(), TrainConfig(objective="dpo"), preference)
     assert isinstance(make_objective("dpo", 0.2), DPO) and make_objective("dpo", 0.2).beta == 0.2
     assert isinstance(make_objective("reps"), RePS)
+
+
+@pytest.mark.parametrize("objective,why", [(DPO(), "takes no routed batches"), (RePS(), "signs every intervention's edit per row")])
+def test_preference_objectives_refuse_routed_batches_naming_themselves(objective, why):
+    batch = {"labels": torch.zeros(4, 3, dtype=torch.long), "adapter_names": ["a", "b", "a", "b"]}
+    with pytest.raises(ValueError, match=f"objective '{objective.name}' {why}: train one adapter at a time"):
+        objective.loss_sum(None, None, batch)

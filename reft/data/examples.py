@@ -1,19 +1,7 @@
 """Tokenized examples: `TokenizedData`, the generation and classification builders, and what every
 builder shares (the prompt format, the row and label checks, the length limit and its skips).
 
-An example is a dict of tensors:
-
-- `input_ids` `[n]`: the tokens (prompt, then response and EOS for generation data);
-- `labels`: `[n]` with -100 over the prompt (generation), or a scalar class index (classification);
-- `prompt_length` (scalar): how many leading tokens are prompt; the whole text for classification,
-  so that position specs such as `"l1"` count prompt tokens while training on prompt + response;
-- `positions` `[p]` (optional): explicit token indices into the example, -1 = none;
-- `adapter` (optional, a str or None): the adapter this example trains and is scored with, when rows
-  given as dicts carry an `"adapter"` key (several adapters trained at once: multi-task).
-
-Every builder checks its input before any training starts: an empty dataset, a prompt or response that
-tokenizes to nothing, an example longer than `max_length` (an error, or a counted and logged skip with
-`on_too_long="skip"`), a label out of range.
+The example format and the checks every builder makes are described in `reft.data`'s docstring.
 """
 
 from __future__ import annotations

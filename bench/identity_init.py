@@ -24,7 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tutorials"))
-from multi_adapter import ANSWERS, QUESTIONS, tiny_model  # noqa: E402
+from multi_adapter import ANSWERS, QUESTIONS  # noqa: E402
+from quickstart import tiny_model  # noqa: E402
 
 import reft  # noqa: E402
 from reft.assets import load_smollm2  # noqa: E402

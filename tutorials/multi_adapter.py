@@ -19,10 +19,9 @@ import textwrap
 import time
 
 import torch
-import transformers
 
 import reft
-from reft.assets import load_smollm2, smollm2_path
+from reft.assets import load_smollm2
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -79,18 +78,6 @@ HELD_OUT = ["What is the tallest mountain in the world?", "How do I make a cup o
 FRENCH_WORDS = {"le", "la", "les", "est", "de", "des", "du", "et", "une", "un", "pour", "dans", "je", "vous", "sont"}
 
 
-def tiny_model():
-    """A random 2-layer Llama with SmolLM2's tokenizer: the same code path in seconds."""
-    path = smollm2_path()
-    config = transformers.AutoConfig.from_pretrained(
-        path, num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(path)
-
-
 def styled(name: str, text: str) -> bool:
     """Whether `text` shows style `name`: opens with "Arr", has French words, or is in capitals."""
     if name == "pirate":
@@ -112,7 +99,12 @@ def main() -> None:
     started, cpu_started = time.perf_counter(), time.process_time()
 
     # 1. One frozen base, three adapters of the same shape (so a mixed batch runs them as one).
-    model, tokenizer = tiny_model() if args.tiny else load_smollm2()
+    if args.tiny:
+        from quickstart import tiny_model  # a random 2-layer Llama with SmolLM2's tokenizer
+
+        model, tokenizer = tiny_model()
+    else:
+        model, tokenizer = load_smollm2()
     layers = sorted({min(i, model.config.num_hidden_layers - 1) for i in args.layers})
     config = reft.ReftConfig({f"layers.{i}.block_output": {"name": "loreft", "rank": 4} for i in layers}, positions=args.positions)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -294,12 +294,10 @@ def _check_route(route: torch.Tensor, shape: tuple[int, int] | None, count: int)
         )
     if shape is not None and route.shape[0] != shape[0]:
         raise ValueError(f"adapter_names has {route.shape[0]} entries, but the batch has {shape[0]} examples")
-    if torch.compiler.is_compiling():  # no host sync in a compiled graph: the check runs on the device
-        torch._assert_async(((route >= -1) & (route < count)).all(), "adapter index out of range (valid: -1 for none, or below the number of adapters)")
-    else:
-        bad = (route < -1) | (route >= count)
-        if bad.any():
-            raise ValueError(f"adapter index {route[bad][0].item()} is out of range: valid are -1 (none) and 0..{count - 1} (rm.adapter_names)")
+    _check_range(
+        route, count, "adapter index out of range (valid: -1 for none, or below the number of adapters)",
+        lambda value: f"adapter index {value} is out of range: valid are -1 (none) and 0..{count - 1} (rm.adapter_names)",
+    )
     return route.long()
 
 
@@ -317,12 +315,19 @@ def _check_positions(positions: torch.Tensor, shape: tuple[int, int] | None) -> 
         B, T = shape
         if positions.shape[0] != B:
             raise ValueError(f"positions has batch size {positions.shape[0]}, but the inputs have {B}")
-        if torch.compiler.is_compiling():  # no host sync in a compiled graph: the check runs on the device
-            valid = ((positions >= -1) & (positions < T)).all()
-            torch._assert_async(valid, "positions out of range: each must be -1 (none) or a token index below the sequence length")
-        else:
-            bad = (positions < -1) | (positions >= T)
-            if bad.any():  # one check per call, on explicit positions only
-                value = positions[bad][0].item()
-                raise ValueError(f"position {value} is out of range for sequence length {T} (valid: 0..{T - 1}, or -1 for none)")
+        _check_range(  # one check per call, on explicit positions only
+            positions, T, "positions out of range: each must be -1 (none) or a token index below the sequence length",
+            lambda value: f"position {value} is out of range for sequence length {T} (valid: 0..{T - 1}, or -1 for none)",
+        )
     return positions.long()
+
+
+def _check_range(values: torch.Tensor, end: int, compiled_message: str, error: Callable[[int], str]) -> None:
+    """Every entry of `values` in -1..end-1 (-1: none), else a ValueError `error(first bad value)`.
+    Compiled, the check runs on the device (no host sync in the graph) and fails with `compiled_message`."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(((values >= -1) & (values < end)).all(), compiled_message)
+        return
+    bad = (values < -1) | (values >= end)
+    if bad.any():
+        raise ValueError(error(values[bad][0].item()))
